@@ -1,0 +1,132 @@
+"""``difflab train | sample | eval | samplers``. The only module that parses arguments."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "digits (built-in defaults)"
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .train import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `difflab train key=value` without a config file
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides)
+    run = train(cfg, resume=args.resume, progress=not args.quiet)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    print(f"run folder: {run}")
+    if not args.no_eval and cfg.data.dataset == "digits" and cfg.data.conditional:
+        _print_eval(run, progress=not args.quiet)
+
+
+def _print_eval(run, **kw) -> None:
+    from .pipelines import evaluate, format_metrics
+
+    metrics = evaluate(run, **kw)
+    print(format_metrics(metrics))
+    print(f"metrics written to {Path(run) / 'metrics.json'}")
+
+
+def _eval(args) -> None:
+    _print_eval(args.run, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                extra_guidance=args.extra_guidance, n=args.n, seed=args.seed, progress=not args.quiet)
+
+
+def _sample(args) -> None:
+    from .pipelines import load, save_samples
+
+    pipe = load(args.run, weights=args.weights)
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    if labels is not None and len(labels) == 1:
+        labels = labels * args.n
+    if labels is not None and len(labels) != args.n:
+        raise ValueError(f"--labels gives {len(labels)} labels for --n {args.n}")
+    kwargs = {"eta": args.eta} if args.eta is not None else {}
+    images = pipe(args.n, labels, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                  guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                  progress=not args.quiet, **kwargs)
+    used = labels if labels is not None else ([i % pipe.num_classes for i in range(args.n)] if pipe.num_classes else None)
+    for path in save_samples(images, Path(args.out), used, nrow=args.nrow):
+        print(f"wrote {path}")
+
+
+def _samplers(args) -> None:
+    from .samplers import SAMPLERS
+
+    print(f"{'name':<10}{'NFE/step':>9}{'order':>7}  stochastic")
+    for name, info in sorted(SAMPLERS.items()):
+        print(f"{name:<10}{info.nfe_per_step:>9}{info.order:>7}  {'yes' if info.stochastic else 'no'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="difflab", description="Diffusion models: train, sample, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (default: class-conditional digits), then evaluate it")
+    t.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG})")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500 model.channels=64")
+    t.add_argument("--resume", action="store_true", help="continue the run in the config's out folder")
+    t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="draw samples from a run into a PNG grid and an .npz")
+    s.add_argument("--run", required=True)
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--labels", help="comma-separated class labels (one label = all samples)")
+    s.add_argument("--sampler", default=None, help="see `difflab samplers` (default: the run's eval.sampler)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--spacing", "--schedule", dest="spacing", default=None,
+                   help="sigma grid: trailing, leading, linspace, karras, exponential, uniform")
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--weights", default="ema", choices=["ema", "model"])
+    s.add_argument("--nrow", type=int, default=8)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="score a run's samples; writes metrics.json")
+    e.add_argument("--run", required=True)
+    e.add_argument("--sampler", default=None)
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--extra-guidance", type=lambda s: [float(v) for v in s.split(",") if v], default=None,
+                   help="comma-separated further guidance scales to report")
+    e.add_argument("--n", type=int, default=None)
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_eval)
+
+    sub.add_parser("samplers", help="list the samplers").set_defaults(func=_samplers)
+    return p
+
+
+def main(argv=None) -> int:
+    from .config import ConfigError
+    from .train.checkpoint import RunFolderError
+    from .train.trainer import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, RunFolderError, TrainingError, ValueError, FileNotFoundError) as err:
+        print(f"difflab: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

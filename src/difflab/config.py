@@ -1,0 +1,193 @@
+"""Typed experiment configs: YAML in, ``key=value`` overrides, one clear error for a bad key or value.
+
+The defaults are the digits job that ``difflab train`` runs with no arguments
+(``configs/digits.yaml`` spells them out).
+"""
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+def choice(default, *options):
+    return field(default=default, metadata={"choices": options})
+
+
+@dataclass
+class ModelConfig:
+    channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 2
+    attn_levels: list[int] = field(default_factory=lambda: [1])
+    mid_attn: bool = True
+    head_dim: int = 32
+    dropout: float = 0.0
+    groups: int = 32
+    scale_shift: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = choice("cosine", "cosine", "linear", "scaled_linear", "sigmoid", "vp", "edm")
+    timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    parametrization: str = choice("v", "eps", "v", "x0", "edm")
+    weighting: str = choice("uniform", "uniform", "min_snr", "edm")
+    min_snr_gamma: float = 5.0
+    loss: str = choice("mse", "mse", "l1", "huber")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = choice("digits", "digits", "folder")
+    path: str = ""            # image folder (dataset=folder); sub-folders become class labels
+    image_size: int = 8       # folder images are resized (shorter side) and centre-cropped to this
+    channels: int = 1         # 1 = greyscale, 3 = RGB (folder)
+    holdout: float = 0.2      # digits: stratified held-out fraction, never trained on
+    conditional: bool = True  # class-conditional when the data has labels
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 128     # global batch, over all ranks and accumulation steps
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    label_dropout: float = 0.1
+    precision: str = choice("fp32", "fp32", "bf16", "fp16")
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0          # 0 = torch's default
+    checkpoint_every: int = 500
+    sample_every: int = 1000
+    log_every: int = 50
+
+
+@dataclass
+class EvalConfig:
+    sampler: str = "ddim"
+    steps: int = 50
+    spacing: str = "trailing"
+    guidance: float = 3.0
+    extra_guidance: list[float] = field(default_factory=lambda: [1.0])
+    n_samples: int = 1000
+    seed: int = 0
+    batch_size: int = 500
+
+
+@dataclass
+class Config:
+    out: str = "runs/digits"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coerce(key: str, value, annotation, meta):
+    """Check (and gently coerce int->float) one value against its declared type."""
+    tp = typing.get_type_hints(annotation[0])[annotation[1]] if isinstance(annotation, tuple) else annotation
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list of {item.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item, {}) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(meta['choices'])}, got {value!r}")
+    return value
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    names = {f.name: f for f in fields(obj)}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}; valid keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' is a section; expected a mapping, got {value!r}")
+            _apply(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, (type(obj), key), names[key].metadata))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.steps=10", "model.channel_mult=[1,2]"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    m, t = cfg.model, cfg.train
+    positive = {"model.channels": m.channels, "model.num_res_blocks": m.num_res_blocks,
+                "model.head_dim": m.head_dim, "train.steps": t.steps, "train.batch_size": t.batch_size,
+                "train.grad_accum": t.grad_accum, "eval.steps": cfg.eval.steps,
+                "eval.n_samples": cfg.eval.n_samples, "data.image_size": cfg.data.image_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if not m.channel_mult or any(v < 1 for v in m.channel_mult):
+        raise ConfigError(f"config key 'model.channel_mult' must be a non-empty list of positive ints, got {m.channel_mult}")
+    widths = [m.channels * k for k in m.channel_mult]
+    if any(w % m.groups for w in widths):
+        raise ConfigError(f"config key 'model.groups' ({m.groups}) must divide every level width {widths}")
+    if not 0 <= t.label_dropout < 1 or not 0 <= cfg.data.holdout < 1 or not 0 <= t.ema_decay < 1:
+        raise ConfigError("train.label_dropout, data.holdout and train.ema_decay must lie in [0, 1)")
+    if cfg.data.dataset == "folder" and not cfg.data.path:
+        raise ConfigError("config key 'data.path' must name an image folder when data.dataset=folder")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        _apply(cfg, data)
+    _apply(cfg, parse_overrides(overrides or []))
+    return validate(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return validate(cfg)

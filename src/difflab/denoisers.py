@@ -1,0 +1,187 @@
+"""Denoisers: a network plus its parametrisation, in sigma space.
+
+``D(x, sigma, cond) = c_skip x + c_out F(c_in x, c_noise, cond)`` (Karras et
+al. 2022, Eq. 7). Each wrapper only chooses the four ``c_*``; the forward pass
+and the training loss are written once. Conversions between eps, x0, v and the
+score live here and nowhere else.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cond import Cond
+from .schedules import NoiseSchedule
+
+WEIGHTINGS = ("uniform", "min_snr", "edm")
+LOSS_KINDS = ("mse", "l1", "huber")
+
+
+def append_dims(t: Tensor, ndim: int) -> Tensor:
+    return t.reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+# ------------------------------------------------ conversions (x in sigma space)
+
+def eps_from_x0(x: Tensor, x0: Tensor, sigma) -> Tensor:
+    return (x - x0) / sigma
+
+
+def x0_from_eps(x: Tensor, eps: Tensor, sigma) -> Tensor:
+    return x - sigma * eps
+
+
+def v_from_x0(x: Tensor, x0: Tensor, sigma) -> Tensor:
+    """v = alpha eps - sigma_vp x0 (Salimans & Ho 2022), with alpha = 1/sqrt(1+sigma^2)."""
+    alpha = (1 + sigma**2) ** -0.5
+    return alpha * (eps_from_x0(x, x0, sigma) - sigma * x0)
+
+
+def x0_from_v(x: Tensor, v: Tensor, sigma) -> Tensor:
+    alpha = (1 + sigma**2) ** -0.5
+    return alpha**2 * x - sigma * alpha * v
+
+
+def score_from_x0(x: Tensor, x0: Tensor, sigma) -> Tensor:
+    """grad_x log p_sigma(x) = (x0_hat - x) / sigma^2 (Tweedie)."""
+    return (x0 - x) / sigma**2
+
+
+# ----------------------------------------------------------------- denoisers
+
+class Denoiser(nn.Module):
+    """Base class: subclasses define ``scalings(sigma) -> (c_skip, c_out, c_in)`` in float64."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return self.schedule.c_noise(sigma)
+
+    def _batch_sigma(self, x: Tensor, sigma) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(len(x))
+        if sigma.shape != (len(x),):
+            raise ValueError(f"sigma must be a scalar or have shape ({len(x)},), got {tuple(sigma.shape)}")
+        return sigma
+
+    def _net(self, x: Tensor, sigma: Tensor, cond: Cond | None):
+        c_skip, c_out, c_in = (append_dims(c, x.ndim).to(x.dtype) for c in self.scalings(sigma))
+        out = self.net(x * c_in, self.c_noise(sigma).to(torch.float32), cond)
+        return out, c_skip, c_out
+
+    def forward(self, x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
+        """x0_hat for a sigma-space input ``x = x0 + sigma n``."""
+        sigma = self._batch_sigma(x, sigma)
+        out, c_skip, c_out = self._net(x, sigma, cond)
+        return c_skip * x + c_out * out.to(x.dtype)
+
+    def loss_weight(self, sigma: Tensor, weighting: str = "uniform", min_snr_gamma: float = 5.0) -> Tensor:
+        """Per-sample weight on the network-space loss.
+
+        ``uniform`` is the plain loss on this parametrisation's target (eps-MSE
+        for an eps model). ``min_snr`` weights the x0 error by min(SNR, gamma)
+        (Hang et al. 2023); ``edm`` by (sigma^2 + sigma_d^2)/(sigma sigma_d)^2
+        (Karras et al. 2022, Table 1). An x0-space weight w becomes w c_out^2
+        in network space.
+        """
+        if weighting == "uniform":
+            return torch.ones_like(sigma)
+        c_out2 = self.scalings(sigma)[1] ** 2
+        if weighting == "min_snr":
+            return (sigma**-2).clamp(max=min_snr_gamma) * c_out2
+        if weighting == "edm":
+            sd = getattr(self, "sigma_data", 1.0)
+            return (sigma**2 + sd**2) / (sigma * sd) ** 2 * c_out2
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+
+    def loss(self, x0: Tensor, sigma, noise: Tensor, cond: Cond | None = None, *,
+             weighting: str = "uniform", kind: str = "mse", min_snr_gamma: float = 5.0,
+             huber_delta: float = 1.0) -> Tensor:
+        """Per-sample training loss at ``x = x0 + sigma noise`` against this parametrisation's target."""
+        sigma = self._batch_sigma(x0, sigma)
+        x = x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * noise
+        out, c_skip, c_out = self._net(x, sigma, cond)
+        target = (x0 - c_skip * x) / c_out
+        out = out.float()
+        target = target.float()
+        if kind == "mse":
+            err = (out - target) ** 2
+        elif kind == "l1":
+            err = (out - target).abs()
+        elif kind == "huber":
+            err = F.huber_loss(out, target, reduction="none", delta=huber_delta)
+        else:
+            raise ValueError(f"unknown loss kind {kind!r}; expected one of {', '.join(LOSS_KINDS)}")
+        weight = self.loss_weight(sigma, weighting, min_snr_gamma).to(err.dtype)
+        return err.flatten(1).mean(1) * weight
+
+
+class EpsDenoiser(Denoiser):
+    """VP network predicting eps: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2+1)."""
+
+    def scalings(self, sigma):
+        return torch.ones_like(sigma), -sigma, (sigma**2 + 1).rsqrt()
+
+
+class VDenoiser(Denoiser):
+    """VP network predicting v = alpha eps - sigma_vp x0 (Salimans & Ho 2022, Sec. 4)."""
+
+    def scalings(self, sigma):
+        return 1 / (sigma**2 + 1), -sigma * (sigma**2 + 1).rsqrt(), (sigma**2 + 1).rsqrt()
+
+
+class X0Denoiser(Denoiser):
+    """VP network predicting x0 directly."""
+
+    def scalings(self, sigma):
+        return torch.zeros_like(sigma), torch.ones_like(sigma), (sigma**2 + 1).rsqrt()
+
+
+class EDMDenoiser(Denoiser):
+    """EDM preconditioning (Karras et al. 2022, Table 1), sigma_data = 0.5 by default."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, sigma_data: float = 0.5):
+        super().__init__(net, schedule)
+        self.sigma_data = sigma_data
+
+    def scalings(self, sigma):
+        sd2 = self.sigma_data**2
+        return sd2 / (sigma**2 + sd2), sigma * self.sigma_data * (sigma**2 + sd2).rsqrt(), (sigma**2 + sd2).rsqrt()
+
+    def c_noise(self, sigma):
+        return sigma.log() / 4
+
+
+PARAMETRIZATIONS = {"eps": EpsDenoiser, "v": VDenoiser, "x0": X0Denoiser, "edm": EDMDenoiser}
+
+
+def build(parametrization: str, net: nn.Module, schedule: NoiseSchedule) -> Denoiser:
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"unknown parametrization {parametrization!r}; expected one of {', '.join(PARAMETRIZATIONS)}")
+    return PARAMETRIZATIONS[parametrization](net, schedule)
+
+
+class ClippedDenoiser(nn.Module):
+    """Clamp x0_hat to the data range, as DDPM/ADM samplers do for pixel data (``clip_denoised``).
+
+    Wrong for latent models, whose latents are unbounded.
+    """
+
+    def __init__(self, denoiser, lo: float = -1.0, hi: float = 1.0):
+        super().__init__()
+        self.denoiser, self.lo, self.hi = denoiser, lo, hi
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def forward(self, x, sigma, cond=None):
+        return self.denoiser(x, sigma, cond).clamp(self.lo, self.hi)

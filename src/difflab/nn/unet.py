@@ -1,0 +1,192 @@
+"""A U-Net for 1-, 2- or 3-D data (Ronneberger et al. 2015; Ho et al. 2020, App. B; Dhariwal & Nichol 2021).
+
+Layout as in DDPM/ADM and diffusers' ``UNet2DModel``: a sinusoidal time
+embedding and MLP; per level ``num_res_blocks`` ResBlocks (GroupNorm, SiLU,
+conv, time embedding added or as scale-shift, dropout, conv), optional self-
+attention, a strided-conv downsample; a ResBlock-attention-ResBlock middle; an
+upward path with one more ResBlock per level fed by the skips; GroupNorm, SiLU,
+conv out. Called as ``net(x, c_noise, cond)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cond import Cond
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """[cos, sin] of t * exp(-ln(max_period) k / half), k = 0..half-1 (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dims, c_in, c_out, emb_dim, groups, dropout, scale_shift):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = CONV[dims](c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out * (2 if scale_shift else 1))
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CONV[dims](c_out, c_out, 3, padding=1)
+        self.skip = CONV[dims](c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.scale_shift = scale_shift
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb(emb).reshape(emb.shape[0], -1, *([1] * (x.ndim - 2)))
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all positions, through fused scaled_dot_product_attention."""
+
+    def __init__(self, channels, head_dim, groups):
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(f"attention channels {channels} are not divisible by head_dim {head_dim}")
+        self.heads = channels // head_dim
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, *spatial = x.shape
+        h = self.norm(x).reshape(b, c, -1).transpose(1, 2)  # (B, N, C)
+        q, k, v = self.qkv(h).reshape(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        return x + self.out(h).transpose(1, 2).reshape(b, c, *spatial)
+
+
+class Block(nn.Module):
+    """A ResBlock, optionally followed by self-attention."""
+
+    def __init__(self, res: ResBlock, attn: SelfAttention | None):
+        super().__init__()
+        self.res, self.attn = res, attn
+
+    def forward(self, x, emb):
+        x = self.res(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, dims, channels):
+        super().__init__()
+        self.conv = CONV[dims](channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, dims, channels):
+        super().__init__()
+        self.conv = CONV[dims](channels, channels, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """U-Net denoiser backbone.
+
+    Args:
+        in_channels, out_channels: data channels (out defaults to in).
+        channels: width of the first level; level i has ``channels * channel_mult[i]``.
+        num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+        attn_levels: level indices (0 = full resolution) that get self-attention.
+        head_dim: channels per attention head.
+        num_classes: if set, a label embedding with an extra null class (index
+            ``num_classes``) for classifier-free guidance.
+        scale_shift: inject the time embedding as GroupNorm scale-shift (ADM) instead of adding it.
+        dims: 1, 2 or 3 spatial dimensions.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int | None = None, channels: int = 64,
+                 channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 2,
+                 attn_levels: Sequence[int] = (1,), mid_attn: bool = True, head_dim: int = 32,
+                 num_classes: int | None = None, dropout: float = 0.0, groups: int = 32,
+                 scale_shift: bool = True, dims: int = 2):
+        super().__init__()
+        if dims not in CONV:
+            raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
+        self.in_channels, self.dims, self.num_classes = in_channels, dims, num_classes
+        self.downsampling = 2 ** (len(channel_mult) - 1)
+        out_channels = out_channels or in_channels
+        emb_dim = 4 * channels
+        self.channels = channels
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        def block(c_in, c_out, level):
+            attn = SelfAttention(c_out, head_dim, groups) if level in attn_levels else None
+            return Block(ResBlock(dims, c_in, c_out, emb_dim, groups, dropout, scale_shift), attn)
+
+        widths = [channels * m for m in channel_mult]
+        self.conv_in = CONV[dims](in_channels, channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips, c = [channels], channels
+        for level, w in enumerate(widths):
+            for _ in range(num_res_blocks):
+                self.down.append(block(c, w, level))
+                c = w
+                skips.append(c)
+            if level < len(widths) - 1:
+                self.down.append(Downsample(dims, c))
+                skips.append(c)
+        res = lambda: ResBlock(dims, c, c, emb_dim, groups, dropout, scale_shift)  # noqa: E731
+        self.mid = nn.ModuleList([Block(res(), SelfAttention(c, head_dim, groups) if mid_attn else None),
+                                  Block(res(), None)])
+        self.up = nn.ModuleList()
+        for level, w in reversed(list(enumerate(widths))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(block(c + skips.pop(), w, level))
+                c = w
+            if level > 0:
+                self.up.append(Upsample(dims, c))
+        self.norm_out = nn.GroupNorm(groups, c)
+        self.conv_out = CONV[dims](c, out_channels, 3, padding=1)
+
+    def check_input(self, x: Tensor) -> None:
+        expected = f"(B, {self.in_channels}, " + ", ".join(["S"] * self.dims) + ")"
+        if x.ndim != self.dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet expects input of shape {expected}, got {tuple(x.shape)}")
+        if any(s % self.downsampling for s in x.shape[2:]):
+            raise ValueError(f"UNet input sizes must be divisible by {self.downsampling} "
+                             f"(the downsampling factor), got {tuple(x.shape[2:])}")
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        self.check_input(x)
+        emb = self.time_mlp(timestep_embedding(c_noise.expand(len(x)), self.channels))
+        if self.label_emb is not None:
+            if cond is None or cond.labels is None:
+                raise ValueError("this UNet is class-conditional: pass Cond(labels=...) "
+                                 f"(use label {self.num_classes} for the null class)")
+            emb = emb + self.label_emb(cond.labels)
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], 1), emb) if isinstance(layer, Block) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,107 @@
+"""Samplers: one function per method, one signature (k-diffusion style).
+
+    x0 = sample_<name>(denoiser, x, sigmas, cond=None, *, noise=None,
+                       callback=None, progress=True, **knobs)
+
+``x`` arrives scaled by ``sigmas[0]``; ``sigmas`` descends and ends in 0;
+``denoiser(x, sigma, cond)`` returns x0_hat. Coefficients are computed in
+float64 (Python floats) whatever the dtype of ``x``; state lives in locals.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .noise import global_noise
+
+
+def _steps(sigmas: Tensor, progress: bool):
+    """(i, sigma, sigma_next) as Python floats, with a tqdm bar."""
+    s = torch.as_tensor(sigmas).double().tolist()
+    if not isinstance(s, list) or len(s) < 2 or any(b >= a for a, b in zip(s, s[1:])) or s[-1] < 0:
+        raise ValueError(f"sigmas must be a 1-D, strictly decreasing, non-negative grid of at least "
+                         f"2 levels, got {s}")
+    for i in tqdm(range(len(s) - 1), disable=not progress, desc="sampling", leave=False):
+        yield i, s[i], s[i + 1]
+
+
+def _denoise(denoiser, x: Tensor, sigma: float, cond) -> Tensor:
+    return denoiser(x, torch.full((len(x),), sigma, dtype=torch.float64, device=x.device), cond)
+
+
+def _report(callback, x, i, sigma, sigma_next, x0_hat):
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "x0_hat": x0_hat})
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up): split a step into a deterministic part and fresh noise.
+
+    sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2, capped at sigma_next.
+    With eta = 1 this is the DDPM posterior; eta scales it as in DDIM (Song et al. 2021, Eq. 16).
+    """
+    if sigma_next == 0:
+        return 0.0, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, cond=None, *, noise=None, callback=None, progress=True):
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022).
+
+    Identical to DDIM with eta = 0.
+    """
+    for i, sigma, sigma_next in _steps(sigmas, progress):
+        x0_hat = _denoise(denoiser, x, sigma, cond)
+        _report(callback, x, i, sigma, sigma_next, x0_hat)
+        x = x0_hat + (sigma_next / sigma) * (x - x0_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, cond=None, *, eta=0.0, noise=None, callback=None, progress=True):
+    """DDIM(eta) (Song et al. 2021, Eq. 12) written in sigma space: Euler to sigma_down, add sigma_up noise.
+
+    x_next = x0_hat + sigma_down eps_hat + sigma_up z equals the classic
+    sqrt(abar') x0 + sqrt(1 - abar' - s^2) eps + s z, divided by sqrt(abar').
+    """
+    noise = noise or global_noise(x)
+    for i, sigma, sigma_next in _steps(sigmas, progress):
+        x0_hat = _denoise(denoiser, x, sigma, cond)
+        _report(callback, x, i, sigma, sigma_next, x0_hat)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x0_hat + (sigma_down / sigma) * (x - x0_hat)
+        if sigma_up > 0:
+            x = x + sigma_up * noise(sigma, sigma_next).to(x)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, sigmas, cond=None, *, variance="fixed_small", noise=None,
+                callback=None, progress=True):
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2), with step skipping.
+
+    The posterior q(x_next | x, x0_hat) in sigma space has mean
+    x0_hat + (sigma_next/sigma)^2 (x - x0_hat) and variance
+    ``fixed_small``: sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2  (beta-tilde), or
+    ``fixed_large``: (sigma^2 - sigma_next^2)(1 + sigma_next^2) / (1 + sigma^2)  (beta),
+    each the alpha-space variance divided by abar_next.
+    """
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"unknown DDPM variance {variance!r}; expected fixed_small or fixed_large")
+    noise = noise or global_noise(x)
+    for i, sigma, sigma_next in _steps(sigmas, progress):
+        x0_hat = _denoise(denoiser, x, sigma, cond)
+        _report(callback, x, i, sigma, sigma_next, x0_hat)
+        x = x0_hat + (sigma_next / sigma) ** 2 * (x - x0_hat)
+        if sigma_next > 0:
+            if variance == "fixed_small":
+                var = sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
+            else:
+                var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
+            x = x + math.sqrt(var) * noise(sigma, sigma_next).to(x)
+    return x

@@ -1,0 +1,237 @@
+"""The training loop: AdamW with warm-up, clipping, accumulation, AMP, EMA, DDP, atomic checkpoints.
+
+Every random draw of step ``k`` (which examples, which noise levels, which
+noise, which labels are dropped) comes from a generator seeded by (seed, k) and
+is drawn for the whole global batch before each rank takes its slice. So
+training is a pure function of the config: resuming, accumulating micro-batches
+or splitting the batch over ranks gives the same updates.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..cond import Cond
+from ..config import Config
+from ..data import ImageData, load_data
+from ..denoisers import Denoiser
+from ..generate import generate
+from . import checkpoint as ckpt
+from .build import build_denoiser, build_unet
+from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
+from .ema import EMA, ema_decay
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Rows of global batch ``step`` in an endless stream of per-epoch permutations."""
+    parts, pos = [], step * batch_size
+    while sum(len(p) for p in parts) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        part = perm[offset: offset + batch_size - sum(len(p) for p in parts)]
+        parts.append(part)
+        pos += len(part)
+    return torch.cat(parts)
+
+
+def global_batch(data: ImageData, cfg: Config, step: int, schedule):
+    """(x0, sigma, noise, labels) for the whole global batch of ``step``."""
+    t = cfg.train
+    g = step_generator(t.seed, step)
+    idx = batch_indices(step, t.batch_size, len(data), t.seed)
+    x0 = data.images[idx]
+    sigma = schedule.sample_sigma(t.batch_size, g)
+    noise = torch.randn(x0.shape, generator=g)
+    labels = None
+    if data.labels is not None:
+        drop = torch.rand(t.batch_size, generator=g) < t.label_dropout
+        labels = torch.where(drop, data.num_classes, data.labels[idx])
+    return x0, sigma, noise, labels
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup))
+
+
+def _check_batch(cfg: Config, dist: DistInfo) -> int:
+    parts = dist.world_size * cfg.train.grad_accum
+    if cfg.train.batch_size % parts:
+        raise TrainingError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+                            f"world_size x grad_accum = {parts}")
+    return cfg.train.batch_size // parts
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("train.precision=fp16 needs CUDA; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer and run folder of one training job."""
+
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = resolve_device(cfg.train.device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.micro = _check_batch(cfg, self.dist)
+        self.run = Path(cfg.out)
+        self.data = load_data(cfg.data, "train")
+        torch.manual_seed(cfg.train.seed)
+        self.net = build_unet(cfg, self.data.num_classes).to(self.device)
+        self.ema = EMA(self.net)
+        train_net = DistributedDataParallel(self.net) if self.dist.enabled else self.net
+        self.train_denoiser = build_denoiser(cfg, train_net)
+        self.schedule = self.train_denoiser.schedule
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
+        self.step = 0
+        self.seconds = 0.0  # training wall time of earlier sessions of this run
+        self.last_checkpoint = None
+        if resume:
+            self._resume()
+        elif (self.run / "trainer_state.pt").exists():
+            raise TrainingError(f"{self.run} already holds a run; pass --resume to continue it "
+                                "or choose another folder with out=...")
+
+    # ------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        ckpt.check_run(self.run)
+        state = ckpt.load_trainer_state(self.run)
+        steps = {ckpt.load_weights(self.run / "model.safetensors", self.net),
+                 ckpt.load_weights(self.run / "ema.safetensors", self.ema.model), state["step"]}
+        if len(steps) != 1:
+            raise TrainingError(f"checkpoint files in {self.run} disagree on the step ({sorted(steps)}); "
+                                "the run was interrupted while saving")
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = self.last_checkpoint = state["step"]
+        self.seconds = state.get("seconds", 0.0)
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            state = {"step": self.step, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                     "seconds": self.seconds + time.time() - self.start_time}
+            ckpt.save_checkpoint(self.run, self.net, self.ema.model, state)
+        self.last_checkpoint = self.step
+        barrier(self.dist)
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        x0, sigma, noise, labels = global_batch(self.data, cfg, self.step, self.schedule)
+        torch.manual_seed(t.seed * 1_000_003 + self.step + 7 * self.dist.rank)  # dropout
+        rows = slice(self.dist.rank * self.micro * t.grad_accum, (self.dist.rank + 1) * self.micro * t.grad_accum)
+        x0, sigma, noise = x0[rows].to(self.device), sigma[rows].to(self.device), noise[rows].to(self.device)
+        labels = labels[rows].to(self.device) if labels is not None else None
+        self.net.train()
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for j in range(t.grad_accum):
+            mb = slice(j * self.micro, (j + 1) * self.micro)
+            cond = Cond(labels=labels[mb]) if labels is not None else None
+            sync = self.dist.enabled and j < t.grad_accum - 1
+            with (self.train_denoiser.net.no_sync() if sync else nullcontext()), _autocast(self.device, t.precision):
+                loss = self.train_denoiser.loss(x0[mb], sigma[mb], noise[mb], cond, weighting=cfg.diffusion.weighting,
+                                                kind=cfg.diffusion.loss,
+                                                min_snr_gamma=cfg.diffusion.min_snr_gamma).mean() / t.grad_accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        total = mean_across_ranks(total, self.dist)
+        if not torch.isfinite(total):
+            where = (f"the last good checkpoint (step {self.last_checkpoint}) is in {self.run}"
+                     if self.last_checkpoint is not None else "no checkpoint was written yet")
+            raise TrainingError(f"loss became {total.item()} at step {self.step}; training stopped, {where}")
+        self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        lr = lr_at(self.step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema.update(self.net, ema_decay(self.step, t.ema_decay, t.ema_warmup))
+        self.step += 1
+        return {"step": self.step, "loss": total.item(), "grad_norm": grad_norm.item(), "lr": lr}
+
+    def sample_grid(self) -> None:
+        from ..images import save_grid
+
+        if not self.dist.is_main:
+            return
+        ema_denoiser = build_denoiser(self.cfg, self.ema.model)
+        n_classes = self.data.num_classes or 0
+        n = 10 * max(1, min(n_classes, 10)) if n_classes else 64
+        labels = torch.arange(n) % n_classes if n_classes else None
+        e = self.cfg.eval
+        x = generate(ema_denoiser, self.data.images.shape[1:], n, labels=labels, null_label=n_classes,
+                     sampler=e.sampler, steps=min(e.steps, 25), spacing=e.spacing, guidance=e.guidance,
+                     seed=e.seed, progress=False)
+        save_grid(x, self.run / "samples" / f"step_{self.step:07d}.png", nrow=10 if n_classes else 8)
+
+    def fit(self) -> Path:
+        cfg, t = self.cfg, self.cfg.train
+        if self.dist.is_main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text(self.run / "config.yaml", _yaml(cfg))
+        self.start_time = time.time()
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
+                   desc="train", dynamic_ncols=True)
+        log = open(self.run / "metrics.jsonl", "a") if self.dist.is_main else None
+        try:
+            while self.step < t.steps:
+                stats = self.train_step()
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                    if log:
+                        stats["seconds"] = round(self.seconds + time.time() - self.start_time, 3)
+                        log.write(json.dumps(stats) + "\n")
+                        log.flush()
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.save()
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.sample_grid()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        return self.run
+
+
+def _yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) the run ``cfg.out``; returns the run folder."""
+    return Trainer(cfg, resume=resume, progress=progress).fit()

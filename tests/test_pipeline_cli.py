@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import difflab
+from difflab.cli import main
+from difflab.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from conftest import TINY
+    from difflab.config import load_config
+
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    train(load_config(None, TINY + [f"out={out}", "train.steps=3"]), progress=False)
+    return out
+
+
+def test_same_seed_same_samples_independent_of_batch_size(run_dir):
+    pipe = difflab.load(run_dir)
+    a = pipe(8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=8, progress=False)
+    b = pipe(8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=3, progress=False)
+    c = pipe(8, sampler="ddim", steps=5, guidance=3, seed=8, batch_size=8, progress=False)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # a prefix of a larger request is the same samples
+    assert torch.equal(pipe(3, sampler="ddim", steps=5, guidance=3, seed=7, progress=False), a[:3])
+    d = pipe(8, sampler="ddpm", steps=5, seed=1, batch_size=8, progress=False)
+    assert torch.equal(d, pipe(8, sampler="ddpm", steps=5, seed=1, batch_size=5, progress=False))
+    assert a.shape == (8, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
+
+
+def test_pipeline_label_errors(run_dir):
+    pipe = difflab.load(run_dir)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
+        pipe(2, labels=[3, 10], steps=2, progress=False)
+    with pytest.raises(ValueError, match="valid samplers"):
+        pipe(2, sampler="nope", steps=2, progress=False)
+
+
+def test_cli_sample_writes_png_and_npz(run_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = main(["sample", "--run", str(run_dir), "--n", "6", "--sampler", "ddim", "--steps", "4",
+                 "--guidance", "3", "--seed", "0", "--out", str(out), "--quiet", "--labels", "4"])
+    assert code == 0 and out.exists()
+    data = np.load(out.with_suffix(".npz"))
+    assert data["images"].shape == (6, 1, 8, 8) and data["labels"].tolist() == [4] * 6
+    pipe = difflab.load(run_dir)
+    again = pipe(6, labels=[4] * 6, sampler="ddim", steps=4, guidance=3, seed=0, progress=False)
+    np.testing.assert_array_equal(data["images"], again.numpy())
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a difflab run folder (missing config.yaml" in err and err.count("\n") == 1
+    assert main(["train", "train.stpes=3", f"out={tmp_path / 'r'}"]) == 2
+    assert "unknown config key 'train.stpes' (did you mean 'train.steps'?)" in capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_writes_metrics(run_dir, capsys):
+    assert main(["eval", "--run", str(run_dir), "--n", "40", "--steps", "3", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("class_accuracy", "frechet_samples", "frechet_floor", "frechet_baseline", "sampler", "steps",
+                "guidance", "n_samples", "train_seconds"):
+        assert key in metrics
+    assert metrics["n_samples"] == 40 and metrics["steps"] == 3 and metrics["guidance"] == 3.0
+    assert [s["guidance"] for s in metrics["sweep"]] == [3.0, 1.0]
+    # the floor (real vs real) is far below the trivial baseline, and the classifier is good
+    assert metrics["frechet_floor"] < metrics["frechet_baseline"] / 5
+    assert metrics["classifier_heldout_accuracy"] > 0.95
+    assert "floor: real train vs held-out" in printed
+
+
+def test_samplers_command_lists_names():
+    out = subprocess.run([sys.executable, "-m", "difflab.cli", "samplers"], capture_output=True, text=True)
+    assert out.returncode == 0 and "ddim" in out.stdout and "ddpm" in out.stdout and "stochastic" in out.stdout
