@@ -26,12 +26,16 @@ def test_same_seed_same_samples_independent_of_batch_size(run_dir):
     a = pipe(8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=8, progress=False)
     b = pipe(8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=3, progress=False)
     c = pipe(8, sampler="ddim", steps=5, guidance=3, seed=8, batch_size=8, progress=False)
-    assert torch.equal(a, b)
-    assert not torch.allclose(a, c)
+    # the noise is identical; only float32 round-off of batched kernels may differ
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert torch.equal(a, pipe(8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=8, progress=False))
+    assert (a - c).abs().max() > 0.1
     # a prefix of a larger request is the same samples
-    assert torch.equal(pipe(3, sampler="ddim", steps=5, guidance=3, seed=7, progress=False), a[:3])
+    torch.testing.assert_close(pipe(3, sampler="ddim", steps=5, guidance=3, seed=7, progress=False), a[:3],
+                               rtol=0, atol=1e-5)
     d = pipe(8, sampler="ddpm", steps=5, seed=1, batch_size=8, progress=False)
-    assert torch.equal(d, pipe(8, sampler="ddpm", steps=5, seed=1, batch_size=5, progress=False))
+    torch.testing.assert_close(d, pipe(8, sampler="ddpm", steps=5, seed=1, batch_size=5, progress=False),
+                               rtol=0, atol=1e-5)
     assert a.shape == (8, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -21,9 +22,10 @@ def _assert_same(a: dict, b: dict, exact: bool):
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
-            # Adam divides by sqrt(v): where a gradient is ~1e-10 (e.g. attention key biases, which
-            # softmax ignores) round-off turns into updates of up to lr ~ 1e-3 times a few 1e-3.
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=2e-5, msg=k)
+            # Adam's first steps are ~lr * g / (|g| + 1e-8): where |g| ~ 1e-8 (attention key biases get
+            # exactly zero), float round-off in g moves a weight by up to lr * 1e-2 ~ 3e-5. A real
+            # mismatch (other rows, other noise) moves weights by ~lr = 1e-3.
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-4, msg=k)
 
 
 def test_batches_cover_each_epoch_once():
@@ -52,7 +54,8 @@ def test_gradient_accumulation_equals_large_batch(tiny_cfg, tmp_path):
         loss_big, loss_acc = big.train_step()["loss"], acc.train_step()["loss"]
         assert loss_big == pytest.approx(loss_acc, rel=1e-5)
         for (name, p), q in zip(big.net.named_parameters(), acc.net.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+            # float32 sums in another order: equal to 1e-4 of the tensor's largest gradient
+            assert (p.grad - q.grad).abs().max() <= 1e-4 * p.grad.abs().max(), name
     _assert_same({k: v for k, v in big.net.state_dict().items()},
                  {k: v for k, v in acc.net.state_dict().items()}, exact=False)
 
@@ -104,5 +107,7 @@ def test_torchrun_two_ranks_equal_single_process(tiny_cfg, tmp_path):
            "-m", "difflab.cli", "train", *TINY, "train.steps=3", f"out={ddp}", "--no-eval", "--quiet"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    losses = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-5) and len(losses(ddp)) == 3
     _assert_same(_weights(single), _weights(ddp), exact=False)
     _assert_same(_weights(single, "ema"), _weights(ddp, "ema"), exact=False)

@@ -23,25 +23,26 @@ def choice(default, *options):
 
 @dataclass
 class ModelConfig:
-    channels: int = 64
+    channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
-    num_res_blocks: int = 2
+    num_res_blocks: int = 1
     attn_levels: list[int] = field(default_factory=lambda: [1])
     mid_attn: bool = True
     head_dim: int = 32
     dropout: float = 0.0
-    groups: int = 32
+    groups: int = 8
     scale_shift: bool = True
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = choice("cosine", "cosine", "linear", "scaled_linear", "sigmoid", "vp", "edm")
+    schedule: str = choice("edm", "cosine", "linear", "scaled_linear", "sigmoid", "vp", "edm")
     timesteps: int = 1000
     zero_terminal_snr: bool = False
-    parametrization: str = choice("v", "eps", "v", "x0", "edm")
+    parametrization: str = choice("edm", "eps", "v", "x0", "edm")
     weighting: str = choice("uniform", "uniform", "min_snr", "edm")
     min_snr_gamma: float = 5.0
+    sigma_data: float = 0.75  # data std assumed by EDM preconditioning and weighting (digits: 0.75)
     loss: str = choice("mse", "mse", "l1", "huber")
 
 
@@ -57,16 +58,17 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 128     # global batch, over all ranks and accumulation steps
     grad_accum: int = 1
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup: int = 100
+    lr_schedule: str = choice("cosine", "constant", "cosine")  # after warm-up
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
-    label_dropout: float = 0.1
+    label_dropout: float = 0.2  # classifier-free guidance: rate of training on the null label
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
     device: str = "auto"
     seed: int = 0
@@ -80,7 +82,7 @@ class TrainConfig:
 class EvalConfig:
     sampler: str = "ddim"
     steps: int = 50
-    spacing: str = "trailing"
+    spacing: str = ""         # "" = the schedule's native grid (karras for edm, trailing for discrete)
     guidance: float = 3.0
     extra_guidance: list[float] = field(default_factory=lambda: [1.0])
     n_samples: int = 1000
@@ -167,6 +169,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'model.groups' ({m.groups}) must divide every level width {widths}")
     if not 0 <= t.label_dropout < 1 or not 0 <= cfg.data.holdout < 1 or not 0 <= t.ema_decay < 1:
         raise ConfigError("train.label_dropout, data.holdout and train.ema_decay must lie in [0, 1)")
+    if cfg.data.dataset == "digits" and (cfg.data.image_size, cfg.data.channels) != (8, 1):
+        raise ConfigError("digits are 8x8 greyscale: data.image_size must be 8 and data.channels 1, "
+                          f"got {cfg.data.image_size} and {cfg.data.channels}")
     if cfg.data.dataset == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name an image folder when data.dataset=folder")
     return cfg

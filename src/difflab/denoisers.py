@@ -163,9 +163,11 @@ class EDMDenoiser(Denoiser):
 PARAMETRIZATIONS = {"eps": EpsDenoiser, "v": VDenoiser, "x0": X0Denoiser, "edm": EDMDenoiser}
 
 
-def build(parametrization: str, net: nn.Module, schedule: NoiseSchedule) -> Denoiser:
+def build(parametrization: str, net: nn.Module, schedule: NoiseSchedule, sigma_data: float = 0.5) -> Denoiser:
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"unknown parametrization {parametrization!r}; expected one of {', '.join(PARAMETRIZATIONS)}")
+    if parametrization == "edm":
+        return EDMDenoiser(net, schedule, sigma_data)
     return PARAMETRIZATIONS[parametrization](net, schedule)
 
 

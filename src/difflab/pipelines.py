@@ -103,7 +103,7 @@ def evaluate(run, *, sampler: str | None = None, steps: int | None = None, guida
         sweep.append({"guidance": g, **evaluator.score(x, labels)})
     state = ckpt.load_trainer_state(pipe.run)
     metrics = {**sweep[0], **evaluator.references(n, seed), "sampler": sampler, "steps": steps,
-               "spacing": e.spacing, "n_samples": n, "train_steps": state["step"],
+               "spacing": e.spacing or pipe.denoiser.schedule.spacings[0], "n_samples": n, "train_steps": state["step"],
                "train_seconds": round(state.get("seconds", float("nan")), 1),
                "eval_seconds": round(time.time() - t0, 1), "sweep": sweep}
     ckpt.write_json(pipe.run / "metrics.json", metrics)

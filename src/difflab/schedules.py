@@ -232,7 +232,7 @@ class ContinuousVP(NoiseSchedule):
         return self.sigma(t)
 
     def sigmas(self, steps: int, spacing: str | None = None, rho: float = 7.0) -> Tensor:
-        if spacing in (None, "uniform"):
+        if not spacing or spacing == "uniform":
             _check_steps(steps)
             return _append_zero(self.sigma(torch.linspace(1, self.eps_t, steps, dtype=F64)))
         return super().sigmas(steps, spacing, rho)

@@ -20,4 +20,5 @@ def build_schedule(cfg: Config) -> schedules.NoiseSchedule:
 
 
 def build_denoiser(cfg: Config, net) -> denoisers.Denoiser:
-    return denoisers.build(cfg.diffusion.parametrization, net, build_schedule(cfg))
+    d = cfg.diffusion
+    return denoisers.build(d.parametrization, net, build_schedule(cfg), d.sigma_data)

@@ -71,7 +71,14 @@ def global_batch(data: ImageData, cfg: Config, step: int, schedule):
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup))
+    """Linear warm-up, then constant or cosine decay to zero at ``train.steps``."""
+    t = cfg.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    if t.lr_schedule == "cosine":
+        progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return t.lr
 
 
 def _check_batch(cfg: Config, dist: DistInfo) -> int:
