@@ -43,6 +43,7 @@ class ResBlock(nn.Module):
         self.scale_shift = scale_shift
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """``emb`` arrives already through SiLU (computed once per forward, not once per block)."""
         h = self.conv1(F.silu(self.norm1(x)))
         e = self.emb(emb).reshape(emb.shape[0], -1, *([1] * (x.ndim - 2)))
         if self.scale_shift:
@@ -180,6 +181,7 @@ class UNet(nn.Module):
                 raise ValueError("this UNet is class-conditional: pass Cond(labels=...) "
                                  f"(use label {self.num_classes} for the null class)")
             emb = emb + self.label_emb(cond.labels)
+        emb = F.silu(emb)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
