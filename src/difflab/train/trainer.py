@@ -224,7 +224,7 @@ class Trainer:
                         log.flush()
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save()
-                if t.sample_every and self.step % t.sample_every == 0:
+                if t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
                     self.sample_grid()
         finally:
             bar.close()
