@@ -49,35 +49,73 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-@torch.no_grad()
-def sample_euler(denoiser, x, sigmas, cond=None, *, noise=None, callback=None, progress=True):
-    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022).
+def _churn(x, i, sigma, n_steps, noise, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM Alg. 2 lines 4-6: raise sigma to sigma_hat = sigma (1 + gamma) by adding fresh noise."""
+    gamma = min(s_churn / n_steps, 2**0.5 - 1) if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
+    if gamma == 0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    return x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise(sigma, sigma_hat).to(x), sigma_hat
 
-    Identical to DDIM with eta = 0.
-    """
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, cond=None, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                 s_noise=1.0, noise=None, callback=None, progress=True):
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma
+    (Karras et al. 2022, Alg. 2 with Euler steps). Identical to DDIM(eta=0) when s_churn = 0."""
+    noise = noise or global_noise(x)
     for i, sigma, sigma_next in _steps(sigmas, progress):
-        x0_hat = _denoise(denoiser, x, sigma, cond)
-        _report(callback, x, i, sigma, sigma_next, x0_hat)
-        x = x0_hat + (sigma_next / sigma) * (x - x0_hat)
+        x, sigma_hat = _churn(x, i, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x0_hat = _denoise(denoiser, x, sigma_hat, cond)
+        _report(callback, x, i, sigma_hat, sigma_next, x0_hat)
+        x = x0_hat + (sigma_next / sigma_hat) * (x - x0_hat)
     return x
 
 
 @torch.no_grad()
-def sample_ddim(denoiser, x, sigmas, cond=None, *, eta=0.0, noise=None, callback=None, progress=True):
-    """DDIM(eta) (Song et al. 2021, Eq. 12) written in sigma space: Euler to sigma_down, add sigma_up noise.
+def sample_heun(denoiser, x, sigmas, cond=None, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                s_noise=1.0, noise=None, callback=None, progress=True):
+    """Karras et al. 2022, Alg. 2: Heun's 2nd-order method with optional churn (Alg. 1 when s_churn = 0).
 
-    x_next = x0_hat + sigma_down eps_hat + sigma_up z equals the classic
-    sqrt(abar') x0 + sqrt(1 - abar' - s^2) eps + s z, divided by sqrt(abar').
+    The last step (to sigma = 0) is an Euler step, so N steps cost 2N - 1 evaluations.
     """
+    noise = noise or global_noise(x)
+    for i, sigma, sigma_next in _steps(sigmas, progress):
+        x, sigma_hat = _churn(x, i, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x0_hat = _denoise(denoiser, x, sigma_hat, cond)
+        _report(callback, x, i, sigma_hat, sigma_next, x0_hat)
+        d = (x - x0_hat) / sigma_hat
+        x_next = x + (sigma_next - sigma_hat) * d
+        if sigma_next > 0:
+            d_next = (x_next - _denoise(denoiser, x_next, sigma_next, cond)) / sigma_next
+            x_next = x + (sigma_next - sigma_hat) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, cond=None, *, eta=1.0, s_noise=1.0, noise=None,
+                           callback=None, progress=True):
+    """Euler step to sigma_down, then fresh noise of std sigma_up (k-diffusion); eta = 1 is DDPM-like."""
     noise = noise or global_noise(x)
     for i, sigma, sigma_next in _steps(sigmas, progress):
         x0_hat = _denoise(denoiser, x, sigma, cond)
         _report(callback, x, i, sigma, sigma_next, x0_hat)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x0_hat + (sigma_down / sigma) * (x - x0_hat)
-        if sigma_up > 0:
-            x = x + sigma_up * noise(sigma, sigma_next).to(x)
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + sigma_up * s_noise * noise(sigma, sigma_next).to(x)
     return x
+
+
+def sample_ddim(denoiser, x, sigmas, cond=None, *, eta=0.0, noise=None, callback=None, progress=True):
+    """DDIM(eta) (Song et al. 2021, Eq. 12) is Euler-ancestral(eta) in sigma space.
+
+    x_next = x0_hat + sigma_down eps_hat + sigma_up z equals the classic
+    sqrt(abar') x0 + sqrt(1 - abar' - s^2) eps + s z, divided by sqrt(abar').
+    """
+    return sample_euler_ancestral(denoiser, x, sigmas, cond, eta=eta, noise=noise, callback=callback,
+                                  progress=progress)
 
 
 @torch.no_grad()
