@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from .cond import Cond
 from .guidance import ClassifierFreeGuidance
-from .samplers import SeededNoise, get_sampler
+from .samplers import BrownianNoise, SeededNoise, sampler_info
 
 
 def sample_seeds(seed: int, n: int) -> list[int]:
@@ -26,9 +26,11 @@ def generate(denoiser, shape, n: int, *, labels: Tensor | None = None, null_labe
     ``guidance`` (1 = conditional, 0 = unconditional) against ``null_label``.
     Results depend on (seed, sample index), never on ``batch_size``.
     """
-    fn = get_sampler(sampler)
+    info = sampler_info(sampler)
     sigmas = denoiser.schedule.sigmas(steps, spacing)
-    device = device or next(denoiser.parameters()).device
+    if device is None:
+        params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []
+        device = params[0].device if params else torch.device("cpu")
     model = denoiser
     if labels is not None:
         if len(labels) != n:
@@ -40,6 +42,10 @@ def generate(denoiser, shape, n: int, *, labels: Tensor | None = None, null_labe
         stop = min(n, start + batch_size)
         noise = SeededNoise(seeds[start:stop], shape, device=device)
         x = noise() * float(sigmas[0])
+        if info.brownian:
+            positive = sigmas[sigmas > 0]
+            noise = BrownianNoise(seeds[start:stop], shape, float(positive.min()), float(positive.max()),
+                                  device=device)
         cond = None if labels is None else Cond(labels=labels[start:stop].to(device))
-        out.append(fn(model, x, sigmas, cond, noise=noise, progress=False, **sampler_kwargs).float().cpu())
+        out.append(info.fn(model, x, sigmas, cond, noise=noise, progress=False, **sampler_kwargs).float().cpu())
     return torch.cat(out)

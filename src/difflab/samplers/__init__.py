@@ -1,11 +1,19 @@
-"""Samplers in sigma space and their registry (name -> function, NFE per step, order, stochastic)."""
+"""Samplers in sigma space and their registry (name -> function, NFE per step, order, stochastic).
+
+Every sampler has the signature ``sample_x(denoiser, x, sigmas, cond=None, *,
+noise=None, callback=None, progress=True, **knobs)``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from .noise import SeededNoise, global_noise
-from .sampling import ancestral_step, sample_ddim, sample_ddpm, sample_euler
+from .dpm import (fast_orders, sample_dpm_fast, sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3,
+                  sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_3m,
+                  sample_dpmpp_3m_sde, sample_dpmpp_sde)
+from .noise import BrownianNoise, SeededNoise, global_noise
+from .sampling import (ancestral_step, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
+                       sample_heun)
 
 
 @dataclass(frozen=True)
@@ -14,20 +22,37 @@ class SamplerInfo:
     nfe_per_step: int
     order: int
     stochastic: bool
+    brownian: bool = False  # draws its noise from a Brownian tree by default
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
     "euler": SamplerInfo(sample_euler, 1, 1, False),
     "ddim": SamplerInfo(sample_ddim, 1, 1, False),  # stochastic only with eta > 0
     "ddpm": SamplerInfo(sample_ddpm, 1, 1, True),
+    "euler_ancestral": SamplerInfo(sample_euler_ancestral, 1, 1, True),
+    "heun": SamplerInfo(sample_heun, 2, 2, False),
+    "dpm_solver_1": SamplerInfo(sample_dpm_solver_1, 1, 1, False),
+    "dpm_solver_2": SamplerInfo(sample_dpm_solver_2, 2, 2, False),
+    "dpm_solver_3": SamplerInfo(sample_dpm_solver_3, 3, 3, False),
+    "dpm_fast": SamplerInfo(sample_dpm_fast, 1, 3, False),  # `steps` is the NFE budget
+    "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, 1, 2, False),
+    "dpmpp_3m": SamplerInfo(sample_dpmpp_3m, 1, 3, False),
+    "dpmpp_2s_ancestral": SamplerInfo(sample_dpmpp_2s_ancestral, 2, 2, True),
+    "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, 2, 2, True, brownian=True),
+    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, 1, 2, True, brownian=True),
+    "dpmpp_3m_sde": SamplerInfo(sample_dpmpp_3m_sde, 1, 3, True, brownian=True),
 }
 
 
 def get_sampler(name: str) -> Callable:
+    return sampler_info(name).fn
+
+
+def sampler_info(name: str) -> SamplerInfo:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name].fn
+    return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "SamplerInfo", "SeededNoise", "ancestral_step", "get_sampler", "global_noise",
-           "sample_ddim", "sample_ddpm", "sample_euler"]
+__all__ = ["SAMPLERS", "BrownianNoise", "SamplerInfo", "SeededNoise", "ancestral_step", "fast_orders",
+           "get_sampler", "global_noise", "sampler_info"] + [n for n in dir() if n.startswith("sample_")]
