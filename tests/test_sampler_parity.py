@@ -103,3 +103,16 @@ def test_dpm_solver_singlestep_matches_k_diffusion_steps(order):
         y, _ = step(y, solver.t(s), solver.t(s_next))
     y = GM(y, sigmas[-2])  # the step to sigma = 0 is x0_hat
     _close(ours, y)
+
+
+def test_grids_match_k_diffusion():
+    from difflab import schedules
+
+    for ours, theirs in [
+        (schedules.karras_grid(13, 0.002, 80.0), K.get_sigmas_karras(13, 0.002, 80.0)),
+        (schedules.exponential_grid(13, 0.002, 80.0), K.get_sigmas_exponential(13, 0.002, 80.0)),
+        (schedules.polyexponential_grid(13, 0.002, 80.0, 2.0), K.get_sigmas_polyexponential(13, 0.002, 80.0, 2.0)),
+    ]:
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-6, atol=0)
+    sched = schedules.EDM()
+    torch.testing.assert_close(sched.sigmas(9, "logsnr"), sched.sigmas(9, "exponential"), rtol=0, atol=0)

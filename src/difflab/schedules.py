@@ -77,6 +77,12 @@ def exponential_grid(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=F64).exp())
 
 
+def polyexponential_grid(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Tensor:
+    """Log sigma falls as ramp^rho (k-diffusion's polyexponential); rho = 1 is the exponential grid."""
+    ramp = torch.linspace(1, 0, n, dtype=F64) ** rho
+    return _append_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
+
+
 def _append_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
@@ -93,7 +99,7 @@ class NoiseSchedule:
 
     sigma_min: float
     sigma_max: float
-    spacings: tuple[str, ...] = ("karras", "exponential")
+    spacings: tuple[str, ...] = ("karras", "exponential", "logsnr", "polyexponential")
 
     def sigma(self, t) -> Tensor:
         raise NotImplementedError
@@ -115,17 +121,21 @@ class NoiseSchedule:
     def sample_sigma(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
 
-    def sigmas(self, steps: int, spacing: str | None = None, rho: float = 7.0) -> Tensor:
+    def sigmas(self, steps: int, spacing: str | None = None, rho: float | None = None) -> Tensor:
         """A descending grid of ``steps`` noise levels followed by 0, within the model's range.
 
-        ``spacing`` defaults to the schedule's first (native) spacing.
+        ``spacing`` defaults to the schedule's first (native) spacing; ``logsnr``
+        (uniform in log-SNR) is the same grid as ``exponential``. ``rho`` is 7 for
+        karras and 1 for polyexponential unless given.
         """
         _check_steps(steps)
         spacing = spacing or self.spacings[0]
         if spacing == "karras":
-            return karras_grid(steps, self.sigma_min, self.sigma_max, rho)
-        if spacing == "exponential":
+            return karras_grid(steps, self.sigma_min, self.sigma_max, 7.0 if rho is None else rho)
+        if spacing in ("exponential", "logsnr"):
             return exponential_grid(steps, self.sigma_min, self.sigma_max)
+        if spacing == "polyexponential":
+            return polyexponential_grid(steps, self.sigma_min, self.sigma_max, 1.0 if rho is None else rho)
         raise ValueError(f"unknown spacing {spacing!r} for {type(self).__name__}; "
                          f"expected one of {', '.join(self.spacings)}")
 
@@ -142,7 +152,7 @@ class DiscreteVP(NoiseSchedule):
     k-diffusion's ``DiscreteSchedule`` does, so any sigma maps to a network input.
     """
 
-    spacings = ("trailing", "leading", "linspace", "karras", "exponential")
+    spacings = ("trailing", "leading", "linspace", "karras", "exponential", "logsnr", "polyexponential")
 
     def __init__(self, betas: Tensor):
         betas = _f64(betas)
@@ -195,7 +205,7 @@ class DiscreteVP(NoiseSchedule):
             raise ValueError(f"unknown timestep spacing {spacing!r}; expected leading, trailing or linspace")
         return ts.long().clamp(0, T - 1).flip(0)
 
-    def sigmas(self, steps: int, spacing: str | None = None, rho: float = 7.0) -> Tensor:
+    def sigmas(self, steps: int, spacing: str | None = None, rho: float | None = None) -> Tensor:
         spacing = spacing or "trailing"
         if spacing in ("leading", "trailing", "linspace"):
             return _append_zero(self.sigmas_table[self.timesteps(steps, spacing)])
@@ -208,7 +218,7 @@ class ContinuousVP(NoiseSchedule):
     ``t`` is in [eps_t, 1]; constants are EDM's ``VPPrecond`` defaults.
     """
 
-    spacings = ("uniform", "karras", "exponential")
+    spacings = ("uniform", "karras", "exponential", "logsnr", "polyexponential")
 
     def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, eps_t: float = 1e-5):
         self.beta_min, self.beta_d, self.eps_t = beta_min, beta_d, eps_t
@@ -231,7 +241,7 @@ class ContinuousVP(NoiseSchedule):
         t = self.eps_t + (1 - self.eps_t) * torch.rand(n, generator=generator, dtype=F64)
         return self.sigma(t)
 
-    def sigmas(self, steps: int, spacing: str | None = None, rho: float = 7.0) -> Tensor:
+    def sigmas(self, steps: int, spacing: str | None = None, rho: float | None = None) -> Tensor:
         if not spacing or spacing == "uniform":
             _check_steps(steps)
             return _append_zero(self.sigma(torch.linspace(1, self.eps_t, steps, dtype=F64)))
