@@ -1,7 +1,9 @@
 """Empirical convergence orders on the analytic Gaussian mixture (exact denoiser, no training).
 
 Error of the sample at sigma_min against a 4000-step Heun solution of the same
-probability-flow ODE, fitted as err ~ NFE^-p over NFE 24..192 on a Karras grid.
+probability-flow ODE, fitted as err ~ NFE^-p over NFE 12..192 on a Karras grid.
+The mixture's components have std 0.5: narrower ones make the ODE stiff near
+sigma_min and push the asymptotic regime past 200 NFE.
 """
 import math
 
@@ -12,9 +14,10 @@ import torch
 from difflab import samplers, schedules
 from difflab.testing import GaussianMixture
 
-GM = GaussianMixture.default(2)
+GM = GaussianMixture(torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2,
+                     [0.5] * 4, [0.1, 0.2, 0.3, 0.4])
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-NFES = (24, 48, 96, 192)
+NFES = (12, 24, 48, 96, 192)
 
 
 def grid(n):
@@ -46,9 +49,9 @@ def test_empirical_order_matches_theory(name, order, start_and_reference):
 
 
 def test_dpmpp_3m_is_better_than_second_order(start_and_reference):
-    # Its first step is first order (as in DPM-Solver++ and k-diffusion), which caps the asymptotic
-    # order near 2.2 on this problem; over NFE 24..192 the fitted order is 2.44.
-    assert fitted_order("dpmpp_3m", *start_and_reference) >= 2.3
+    # Its first two steps are first and second order (as in DPM-Solver++, k-diffusion and diffusers),
+    # which caps the asymptotic order near 2.2; over NFE 12..192 the fitted order is 2.67.
+    assert fitted_order("dpmpp_3m", *start_and_reference) >= 2.6
 
 
 def test_reference_solution_is_converged(start_and_reference):

@@ -63,9 +63,9 @@ def _sample(args) -> None:
 def _samplers(args) -> None:
     from .samplers import SAMPLERS
 
-    print(f"{'name':<10}{'NFE/step':>9}{'order':>7}  stochastic")
+    print(f"{'name':<20}{'NFE/step':>9}{'order':>7}  stochastic")
     for name, info in sorted(SAMPLERS.items()):
-        print(f"{name:<10}{info.nfe_per_step:>9}{info.order:>7}  {'yes' if info.stochastic else 'no'}")
+        print(f"{name:<20}{info.nfe_per_step:>9}{info.order:>7}  {'yes' if info.stochastic else 'no'}")
 
 
 def build_parser() -> argparse.ArgumentParser:

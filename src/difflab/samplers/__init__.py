@@ -12,6 +12,7 @@ from .dpm import (fast_orders, sample_dpm_fast, sample_dpm_solver_1, sample_dpm_
                   sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_3m,
                   sample_dpmpp_3m_sde, sample_dpmpp_sde)
 from .noise import BrownianNoise, SeededNoise, global_noise
+from .unipc import sample_unipc
 from .sampling import (ancestral_step, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
                        sample_heun)
 
@@ -41,6 +42,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, 2, 2, True, brownian=True),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, 1, 2, True, brownian=True),
     "dpmpp_3m_sde": SamplerInfo(sample_dpmpp_3m_sde, 1, 3, True, brownian=True),
+    "unipc": SamplerInfo(sample_unipc, 1, 3, False),  # order 3 by default; the corrector adds one
 }
 
 

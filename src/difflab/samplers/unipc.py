@@ -12,20 +12,23 @@ def _uni_update(x, lam_t, hist, variant, x0_t=None):
     """One UniP step (``x0_t`` None) or UniC correction (``x0_t`` = D at the predicted x_t), in VE form.
 
     ``hist`` is [(lambda_k, x0_k)], oldest first, ending at the start point s = s_0 of ``x``.
-    Data-prediction update with h = lambda_t - lambda_s, lambda = -log sigma (Alg. 2/3 of the paper):
+    Data-prediction update with h = lambda_t - lambda_s, lambda = -log sigma:
         x_t = e^{-h} x_s + (1 - e^{-h}) x0_s - B(-h) sum_m rho_m D_m,   D_m = (x0_m - x0_s) / r_m,
     r_m = (lambda_m - lambda_s) / h (r = 1 for x0_t), rho solving R rho = b with R_km = r_m^k,
-    b_k = (k+1)! phi_{k+2}(-h) (-h)^{k+1} / B(-h). One unknown uses rho = 1/2, as the reference code.
+    b_k = (k+1)! (-h) phi_{k+2}(-h) / B(-h). One unknown uses rho = 1/2, as the reference code.
     """
     (lam_s, m0), h = hist[-1], lam_t - hist[-1][0]
-    pts = [((lam - lam_s) / h, m) for lam, m in reversed(hist[:-1])] + ([(1.0, x0_t)] if x0_t is not None else [])
+    pts = [((lam - lam_s) / h, m) for lam, m in reversed(hist[:-1])]  # most recent first
+    if x0_t is not None:
+        pts.append((1.0, x0_t))
     hh = -h
     b_h = hh if variant == "bh1" else math.expm1(hh)
     x = math.exp(hh) * x - math.expm1(hh) * m0
     if not pts:
         return x
-    rhos, phi, fact, b = [0.5], math.expm1(hh) / hh - 1, 1, []
+    rhos = [0.5]
     if len(pts) > 1:
+        phi, fact, b = math.expm1(hh) / hh - 1, 1, []
         for k in range(1, len(pts) + 1):
             b.append(phi * fact / b_h)
             fact *= k + 1
@@ -41,18 +44,21 @@ def sample_unipc(denoiser, x, sigmas, cond=None, *, order=3, variant="bh2", lowe
     """UniPC-p multistep sampler, data (x0) prediction, B(h) = h ("bh1") or e^h - 1 ("bh2").
 
     Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
-    Diffusion Models", Alg. 2 (UniP-p) + Alg. 3 (UniC-p), multistep form as in diffusers'
-    ``UniPCMultistepScheduler``. At each sigma_i: evaluate x0_hat = D(x, sigma_i); if a predictor
-    step led here, correct x with UniC using that same evaluation (no extra NFE); then predict
-    x at sigma_{i+1} with UniP of order p = min(order, i + 1, N - i) (warm-up, and -- like
-    diffusers and the official code, for any N -- lower order at the end if ``lower_order_final``).
-    The step to sigma = 0 (lambda = +inf) is x = x0_hat, the order-1 limit, with no corrector.
+    Diffusion Models": UniP-p predictor + UniC-p corrector in their multistep B(h) form, as in
+    the official code (uni_pc.py, ``multistep_uni_pc_bh_update``) and diffusers'
+    ``UniPCMultistepScheduler``, written in sigma (VE) space. At each sigma_i: evaluate
+    x0_hat = D(x, sigma_i); if a predictor step led here, correct x with UniC using that same
+    evaluation (no extra NFE); then predict x at sigma_{i+1} with UniP of order
+    p = min(order, i + 1, N - i): warm-up, and (like diffusers and the official code, for any N)
+    lower order at the end if ``lower_order_final``. The step to sigma = 0 (lambda = +inf) is
+    x = x0_hat, the order-1 limit, with no corrector.
     Deterministic: ``noise`` is accepted for the shared signature and unused.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
     if variant not in ("bh1", "bh2"):
-        raise ValueError(f"unknown UniPC variant {variant!r}; expected 'bh1' (B(h) = h) or 'bh2' (B(h) = e^h - 1)")
+        raise ValueError(f"unknown UniPC variant {variant!r}; "
+                         "expected 'bh1' (B(h) = h) or 'bh2' (B(h) = e^h - 1)")
     n, hist, used, x_prev = len(sigmas) - 1, [], None, None
     for i, sigma, sigma_next in _steps(sigmas, progress):
         lam, x0_hat = -math.log(sigma), _denoise(denoiser, x, sigma, cond)
