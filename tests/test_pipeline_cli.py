@@ -87,3 +87,20 @@ def test_cli_eval_writes_metrics(run_dir, capsys):
 def test_samplers_command_lists_names():
     out = subprocess.run([sys.executable, "-m", "difflab.cli", "samplers"], capture_output=True, text=True)
     assert out.returncode == 0 and "ddim" in out.stdout and "ddpm" in out.stdout and "stochastic" in out.stdout
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_sde", "unipc", "heun"])
+def test_every_kind_of_sampler_runs_from_the_pipeline_batch_independently(run_dir, sampler):
+    pipe = difflab.load(run_dir)
+    a = pipe(4, sampler=sampler, steps=4, spacing="karras", guidance=2, seed=3, batch_size=4, progress=False)
+    b = pipe(4, sampler=sampler, steps=4, spacing="karras", guidance=2, seed=3, batch_size=2, progress=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert torch.isfinite(a).all()
+
+
+def test_cli_sample_with_a_named_sampler_and_grid(run_dir, tmp_path):
+    out = tmp_path / "k.png"
+    assert main(["sample", "--run", str(run_dir), "--n", "2", "--sampler", "dpmpp_2m", "--schedule", "karras",
+                 "--steps", "5", "--out", str(out), "--quiet"]) == 0
+    assert out.exists()
+    assert main(["sample", "--run", str(run_dir), "--n", "2", "--sampler", "dpm++", "--out", str(out)]) == 2
