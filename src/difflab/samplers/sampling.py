@@ -22,8 +22,9 @@ def _steps(sigmas: Tensor, progress: bool):
     """(i, sigma, sigma_next) as Python floats, with a tqdm bar."""
     s = torch.as_tensor(sigmas).double().tolist()
     if not isinstance(s, list) or len(s) < 2 or any(b >= a for a, b in zip(s, s[1:])) or s[-1] < 0:
+        shown = s if not isinstance(s, list) or len(s) <= 8 else s[:4] + ["..."] + s[-3:]
         raise ValueError(f"sigmas must be a 1-D, strictly decreasing, non-negative grid of at least "
-                         f"2 levels, got {s}")
+                         f"2 levels, got {shown}")
     for i in tqdm(range(len(s) - 1), disable=not progress, desc="sampling", leave=False):
         yield i, s[i], s[i + 1]
 

@@ -155,7 +155,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         x0, sigma, noise, labels = global_batch(self.data, cfg, self.step, self.schedule)
-        torch.manual_seed(t.seed * 1_000_003 + self.step + 7 * self.dist.rank)  # dropout
+        torch.manual_seed((t.seed * 1_000_003 + self.step) * 4096 + self.dist.rank)  # dropout, per rank
         rows = slice(self.dist.rank * self.micro * t.grad_accum, (self.dist.rank + 1) * self.micro * t.grad_accum)
         x0, sigma, noise = x0[rows].to(self.device), sigma[rows].to(self.device), noise[rows].to(self.device)
         labels = labels[rows].to(self.device) if labels is not None else None
