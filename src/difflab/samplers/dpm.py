@@ -12,7 +12,7 @@ import math
 import torch
 
 from .noise import global_noise
-from .sampling import _denoise, _report, _steps, ancestral_step
+from .sampling import _denoise, _report, _steps, add_noise, ancestral_step
 
 
 def _eps(denoiser, x, sigma, cond):
@@ -101,8 +101,7 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, cond=None, *, eta=1.0, s_nois
             x_mid = (sigma_mid / sigma) * x - math.expm1(-0.5 * math.log(sigma / sigma_down)) * x0_hat
             x0_mid = _denoise(denoiser, x_mid, sigma_mid, cond)
             x = (sigma_down / sigma) * x - math.expm1(-math.log(sigma / sigma_down)) * x0_mid
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + sigma_up * s_noise * noise(sigma, sigma_next).to(x)
+        x = add_noise(x, sigma_up * s_noise, noise, sigma, sigma_next)
     return x
 
 
@@ -133,7 +132,7 @@ def _ancestral_dpmpp1(x, sigma, sigma_next, x0, eta, s_noise, noise):
     """First-order DPM-Solver++ step to sigma_down, plus sigma_up noise."""
     sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
     x = (sigma_down / sigma) * x - math.expm1(math.log(sigma_down / sigma)) * x0
-    return x + sigma_up * s_noise * noise(sigma, sigma_next).to(x) if sigma_up > 0 else x
+    return add_noise(x, sigma_up * s_noise, noise, sigma, sigma_next)
 
 
 def _multistep_order(i: int, n: int, order: int, lower_order_final: bool) -> int:
@@ -163,8 +162,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, *, eta=1.0, s_noise=1.0,
             slope = (x0_hat - x0_prev) * (h / h_prev)
             coef = -math.expm1(-h - eta_h) / (-h - eta_h) + 1 if solver_type == "heun" else -0.5 * math.expm1(-h - eta_h)
             x = x + coef * slope
-        if eta:
-            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise * noise(sigma, sigma_next).to(x)
+        x = add_noise(x, sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise, noise, sigma, sigma_next)
         x0_prev, h_prev = x0_hat, h
     return x
 
@@ -205,8 +203,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, cond=None, *, eta=1.0, s_noise=1.0,
             d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
-        if eta:
-            x = x + sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise * noise(sigma, sigma_next).to(x)
+        x = add_noise(x, sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise, noise, sigma, sigma_next)
         history = [(x0_hat, h)] + history[:1]
     return x
 

@@ -38,6 +38,11 @@ def _report(callback, x, i, sigma, sigma_next, x0_hat):
         callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "x0_hat": x0_hat})
 
 
+def add_noise(x, std: float, noise, sigma: float, sigma_next: float):
+    """x + std z with z = noise(sigma, sigma_next), drawing z only when std > 0."""
+    return x + std * noise(sigma, sigma_next).to(x) if std > 0 else x
+
+
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up): split a step into a deterministic part and fresh noise.
 
@@ -56,7 +61,7 @@ def _churn(x, i, sigma, n_steps, noise, s_churn, s_tmin, s_tmax, s_noise):
     if gamma == 0:
         return x, sigma
     sigma_hat = sigma * (1 + gamma)
-    return x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise(sigma, sigma_hat).to(x), sigma_hat
+    return add_noise(x, math.sqrt(sigma_hat**2 - sigma**2) * s_noise, noise, sigma, sigma_hat), sigma_hat
 
 
 @torch.no_grad()
@@ -103,9 +108,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, cond=None, *, eta=1.0, s_noise=1
         x0_hat = _denoise(denoiser, x, sigma, cond)
         _report(callback, x, i, sigma, sigma_next, x0_hat)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x0_hat + (sigma_down / sigma) * (x - x0_hat)
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + sigma_up * s_noise * noise(sigma, sigma_next).to(x)
+        x = add_noise(x0_hat + (sigma_down / sigma) * (x - x0_hat), sigma_up * s_noise, noise, sigma, sigma_next)
     return x
 
 
@@ -136,11 +139,9 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, *, variance="fixed_small", noise
     for i, sigma, sigma_next in _steps(sigmas, progress):
         x0_hat = _denoise(denoiser, x, sigma, cond)
         _report(callback, x, i, sigma, sigma_next, x0_hat)
-        x = x0_hat + (sigma_next / sigma) ** 2 * (x - x0_hat)
-        if sigma_next > 0:
-            if variance == "fixed_small":
-                var = sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
-            else:
-                var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
-            x = x + math.sqrt(var) * noise(sigma, sigma_next).to(x)
+        if variance == "fixed_small":
+            var = sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
+        else:
+            var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2) if sigma_next > 0 else 0.0
+        x = add_noise(x0_hat + (sigma_next / sigma) ** 2 * (x - x0_hat), math.sqrt(var), noise, sigma, sigma_next)
     return x
