@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -178,12 +179,11 @@ class DiscreteVP(NoiseSchedule):
         return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]).exp()
 
     def t(self, sigma) -> Tensor:
-        log_sigma = _f64(sigma).log()
-        idx = torch.searchsorted(self.log_sigmas, log_sigma.reshape(-1)).reshape(log_sigma.shape)
-        hi = idx.clamp(1, self.num_timesteps - 1)
-        lo = hi - 1
-        w = (log_sigma - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
-        return (lo + w.clamp(0, 1)).to(F64)
+        # np.interp is the piecewise-linear map log sigma -> index, clamped at both ends, and on a
+        # (B,) vector it costs a few microseconds where the torch equivalent costs ~30.
+        s = _f64(sigma)
+        t = np.interp(s.log().cpu().numpy(), self.log_sigmas.numpy(), np.arange(self.num_timesteps, dtype=np.float64))
+        return torch.from_numpy(np.asarray(t, dtype=np.float64)).reshape(s.shape).to(s.device)
 
     def sample_sigma(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         t = torch.randint(0, self.num_timesteps, (n,), generator=generator)
