@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import atomic_write
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
@@ -33,7 +35,5 @@ def save_grid(x: torch.Tensor, path, nrow: int = 8) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     upscale = max(1, 64 // x.shape[-1])
-    tmp = path.with_name(f".{path.name}.tmp")
-    make_grid(x, nrow, upscale=upscale).save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: make_grid(x, nrow, upscale=upscale).save(tmp, format="PNG"))
     return path

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .config import Config, config_from_dict
+from .files import save_npz
 from .generate import generate
 from .train import build_denoiser, build_unet
 from .train import checkpoint as ckpt
@@ -75,7 +76,7 @@ def save_samples(images: torch.Tensor, out: Path, labels=None, nrow: int = 8) ->
     arrays = {"images": images.numpy()}
     if labels is not None:
         arrays["labels"] = np.asarray(labels)
-    ckpt.atomic_write(npz, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    save_npz(npz, **arrays)
     return [png, npz]
 
 

@@ -1,4 +1,6 @@
 """Sample-quality metrics."""
-from .frechet import frechet_distance, gaussian_stats
+from .features import StreamingStats, inception_score, kid, load_npz, precision_recall, save_npz
+from .frechet import frechet_distance, gaussian_stats, trace_sqrt_product
 
-__all__ = ["frechet_distance", "gaussian_stats"]
+__all__ = ["frechet_distance", "gaussian_stats", "trace_sqrt_product", "kid", "inception_score",
+           "precision_recall", "StreamingStats", "save_npz", "load_npz"]

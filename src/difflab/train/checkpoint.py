@@ -8,35 +8,19 @@ Every file is written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_write
+
 RUN_FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "trainer_state.pt")
 
 
 class RunFolderError(FileNotFoundError):
     pass
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_text(path: Path, text: str) -> None:
