@@ -34,7 +34,7 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef
 
 
 def kid(features_a, features_b, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
-        gamma: float | None = None, coef0: float = 1, seed: int = 0) -> tuple[float, float]:
+        gamma: float | None = None, coef0: float = 1, seed: int = 2020) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al., "Demystifying MMD GANs", ICLR 2018).
 
     Mean and (population) std over ``subsets`` random subsets of ``subset_size`` rows from each
@@ -42,7 +42,7 @@ def kid(features_a, features_b, subsets: int = 100, subset_size: int = 1000, deg
     gamma = 1/D by default. Subsets are drawn without replacement exactly as torch-fidelity's
     ``kid_features_to_metric`` does -- ``np.random.RandomState(seed)``, then per subset
     ``choice(N_a, subset_size, replace=False)`` followed by ``choice(N_b, ...)`` -- so with the same
-    seed (torch-fidelity's default ``rng_seed`` is 2020) both pick identical subsets. Computed in float64.
+    seed (2020 by default, as torch-fidelity's ``rng_seed``) both pick identical subsets. Computed in float64.
     """
     a, b = _as_f64(features_a, "features_a"), _as_f64(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
