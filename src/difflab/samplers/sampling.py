@@ -55,7 +55,7 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-def _churn(x, i, sigma, n_steps, noise, s_churn, s_tmin, s_tmax, s_noise):
+def _churn(x, sigma, n_steps, noise, s_churn, s_tmin, s_tmax, s_noise):
     """EDM Alg. 2 lines 4-6: raise sigma to sigma_hat = sigma (1 + gamma) by adding fresh noise."""
     gamma = min(s_churn / n_steps, 2**0.5 - 1) if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
     if gamma == 0:
@@ -71,7 +71,7 @@ def sample_euler(denoiser, x, sigmas, cond=None, *, s_churn=0.0, s_tmin=0.0, s_t
     (Karras et al. 2022, Alg. 2 with Euler steps). Identical to DDIM(eta=0) when s_churn = 0."""
     noise = noise or global_noise(x)
     for i, sigma, sigma_next in _steps(sigmas, progress):
-        x, sigma_hat = _churn(x, i, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
         x0_hat = _denoise(denoiser, x, sigma_hat, cond)
         _report(callback, x, i, sigma_hat, sigma_next, x0_hat)
         x = x0_hat + (sigma_next / sigma_hat) * (x - x0_hat)
@@ -87,7 +87,7 @@ def sample_heun(denoiser, x, sigmas, cond=None, *, s_churn=0.0, s_tmin=0.0, s_tm
     """
     noise = noise or global_noise(x)
     for i, sigma, sigma_next in _steps(sigmas, progress):
-        x, sigma_hat = _churn(x, i, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, sigma, len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
         x0_hat = _denoise(denoiser, x, sigma_hat, cond)
         _report(callback, x, i, sigma_hat, sigma_next, x0_hat)
         d = (x - x0_hat) / sigma_hat
