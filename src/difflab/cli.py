@@ -60,6 +60,14 @@ def _sample(args) -> None:
         print(f"wrote {path}")
 
 
+def _fid_stats(args) -> None:
+    from .pipelines import fid_stats
+
+    meta = fid_stats(args.folder, args.out, extractor=args.extractor, image_size=args.image_size,
+                     weights=args.weights, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"wrote {args.out} ({meta['extractor']} features of {meta['n']} images)")
+
+
 def _samplers(args) -> None:
     from .samplers import SAMPLERS
 
@@ -109,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
+
+    f = sub.add_parser("fid-stats", help="reference statistics (mu, sigma) of an image folder as .npz")
+    f.add_argument("folder")
+    f.add_argument("--out", required=True)
+    f.add_argument("--extractor", default="inception", choices=["inception", "digits"])
+    f.add_argument("--image-size", type=int, default=None, help="resize/crop size (inception 299, digits 8)")
+    f.add_argument("--weights", default=None, help="Inception weights file (else $DIFFLAB_INCEPTION_WEIGHTS "
+                                                    "or the torch hub cache)")
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_fid_stats)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=_samplers)
     return p

@@ -126,3 +126,39 @@ def format_metrics(m: dict) -> str:
     lines.append(f"(n = {m['n_samples']} samples; classifier held-out accuracy "
                  f"{m['classifier_heldout_accuracy']:.3f}; train {m['train_seconds']} s, eval {m['eval_seconds']} s)")
     return "\n".join(lines)
+
+
+def fid_stats(folder, out, *, extractor: str = "inception", image_size: int | None = None,
+              weights: str | None = None, batch_size: int = 64, progress: bool = True) -> dict:
+    """Reference statistics (``mu``, ``sigma``, with extractor, resize and n recorded) of an image folder.
+
+    ``extractor`` is ``inception`` (the FID network; 299x299 TF1 resize inside, images first
+    resized/cropped to ``image_size``, default 299) or ``digits`` (the digits evaluation
+    classifier; greyscale 8x8). Features stream through float64 accumulators in batches.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import load_image_folder
+    from .metrics import StreamingStats
+
+    if extractor == "inception":
+        from .metrics.inception import InceptionFeatures
+
+        net, channels, size = InceptionFeatures(weights), 3, image_size or 299
+        features = lambda x: net(x)["pool3"]  # noqa: E731
+    elif extractor == "digits":
+        from .metrics.digits import DigitsEvaluator
+
+        evaluator, channels, size = DigitsEvaluator(), 1, image_size or 8
+        if size != 8:
+            raise ValueError(f"the digits extractor takes 8x8 images, got image_size={size}")
+        features = evaluator.features
+    else:
+        raise ValueError(f"unknown extractor {extractor!r}; expected inception or digits")
+    images = load_image_folder(folder, size, channels, conditional=False).images
+    stats = StreamingStats()
+    for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="features"):
+        stats.update(features(images[start:start + batch_size]))
+    meta = {"extractor": extractor, "resize": f"bicubic shorter side + centre crop to {size}"}
+    stats.save_npz(out, **meta)
+    return {**meta, "n": stats.n}

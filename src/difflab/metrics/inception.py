@@ -30,7 +30,7 @@ INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 #: Provenance: torch-fidelity itself documents only the first 8 hex digits, ``6726825d``, through the
 #: torch-hub naming convention of the file (``<name>-<sha256[:8]>.pth``). The full digest below is not
 #: in torch-fidelity's source; it is taken from third-party records (a project README pinning the
-#: torch-fidelity file, and /work/shared/reference/metrics.md), it agrees with that prefix, and it was
+#: torch-fidelity file, and the project's shared reference/metrics.md), it agrees with that prefix, and it was
 #: NOT verified against the real file here (no network). Re-check it with ``sha256sum`` on the
 #: official file; if it differs, set this constant to the official file's hash (or pass ``sha256=``).
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
