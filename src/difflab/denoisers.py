@@ -169,21 +169,3 @@ def build(parametrization: str, net: nn.Module, schedule: NoiseSchedule, sigma_d
     if parametrization == "edm":
         return EDMDenoiser(net, schedule, sigma_data)
     return PARAMETRIZATIONS[parametrization](net, schedule)
-
-
-class ClippedDenoiser(nn.Module):
-    """Clamp x0_hat to the data range, as DDPM/ADM samplers do for pixel data (``clip_denoised``).
-
-    Wrong for latent models, whose latents are unbounded.
-    """
-
-    def __init__(self, denoiser, lo: float = -1.0, hi: float = 1.0):
-        super().__init__()
-        self.denoiser, self.lo, self.hi = denoiser, lo, hi
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
-
-    def forward(self, x, sigma, cond=None):
-        return self.denoiser(x, sigma, cond).clamp(self.lo, self.hi)

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from ..cond import Cond
 from ..config import Config
 from ..data import ImageData, load_data
-from ..denoisers import Denoiser
 from ..generate import generate
 from . import checkpoint as ckpt
 from .build import build_denoiser, build_unet
