@@ -1,4 +1,4 @@
-"""``difflab train | sample | eval | samplers``. The only module that parses arguments."""
+"""``difflab train | sample | eval | fid-stats | samplers``. The only module that parses arguments."""
 from __future__ import annotations
 
 import argparse
