@@ -27,8 +27,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(script: str, payload: dict) -> Path:
+def write_results(script: str, payload: dict, name: str | None = None) -> Path:
+    """``benchmarks/results/<name or the script's stem>.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{Path(script).stem}.json"
+    path = RESULTS / f"{name or Path(script).stem}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
