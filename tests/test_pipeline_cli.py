@@ -23,18 +23,18 @@ def run_dir(tmp_path_factory):
 
 def test_same_seed_same_samples_independent_of_batch_size(run_dir):
     pipe = difflab.load(run_dir)
-    a = pipe(8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=8, progress=False)
-    b = pipe(8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=3, progress=False)
-    c = pipe(8, sampler="ddim", steps=5, guidance=3, seed=8, batch_size=8, progress=False)
+    a = pipe(n=8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=8, progress=False)
+    b = pipe(n=8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=3, progress=False)
+    c = pipe(n=8, sampler="ddim", steps=5, guidance=3, seed=8, batch_size=8, progress=False)
     # the noise is identical; only float32 round-off of batched kernels may differ
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    assert torch.equal(a, pipe(8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=8, progress=False))
+    assert torch.equal(a, pipe(n=8, sampler="ddim", steps=5, guidance=3, seed=7, batch_size=8, progress=False))
     assert (a - c).abs().max() > 0.1
     # a prefix of a larger request is the same samples
-    torch.testing.assert_close(pipe(3, sampler="ddim", steps=5, guidance=3, seed=7, progress=False), a[:3],
+    torch.testing.assert_close(pipe(n=3, sampler="ddim", steps=5, guidance=3, seed=7, progress=False), a[:3],
                                rtol=0, atol=1e-5)
-    d = pipe(8, sampler="ddpm", steps=5, seed=1, batch_size=8, progress=False)
-    torch.testing.assert_close(d, pipe(8, sampler="ddpm", steps=5, seed=1, batch_size=5, progress=False),
+    d = pipe(n=8, sampler="ddpm", steps=5, seed=1, batch_size=8, progress=False)
+    torch.testing.assert_close(d, pipe(n=8, sampler="ddpm", steps=5, seed=1, batch_size=5, progress=False),
                                rtol=0, atol=1e-5)
     assert a.shape == (8, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
 
@@ -42,9 +42,9 @@ def test_same_seed_same_samples_independent_of_batch_size(run_dir):
 def test_pipeline_label_errors(run_dir):
     pipe = difflab.load(run_dir)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
-        pipe(2, labels=[3, 10], steps=2, progress=False)
+        pipe(n=2, labels=[3, 10], steps=2, progress=False)
     with pytest.raises(ValueError, match="valid samplers"):
-        pipe(2, sampler="nope", steps=2, progress=False)
+        pipe(n=2, sampler="nope", steps=2, progress=False)
 
 
 def test_cli_sample_writes_png_and_npz(run_dir, tmp_path, capsys):
@@ -55,7 +55,7 @@ def test_cli_sample_writes_png_and_npz(run_dir, tmp_path, capsys):
     data = np.load(out.with_suffix(".npz"))
     assert data["images"].shape == (6, 1, 8, 8) and data["labels"].tolist() == [4] * 6
     pipe = difflab.load(run_dir)
-    again = pipe(6, labels=[4] * 6, sampler="ddim", steps=4, guidance=3, seed=0, progress=False)
+    again = pipe(n=6, labels=[4] * 6, sampler="ddim", steps=4, guidance=3, seed=0, progress=False)
     np.testing.assert_array_equal(data["images"], again.numpy())
 
 
@@ -92,8 +92,8 @@ def test_samplers_command_lists_names():
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_sde", "unipc", "heun"])
 def test_every_kind_of_sampler_runs_from_the_pipeline_batch_independently(run_dir, sampler):
     pipe = difflab.load(run_dir)
-    a = pipe(4, sampler=sampler, steps=4, spacing="karras", guidance=2, seed=3, batch_size=4, progress=False)
-    b = pipe(4, sampler=sampler, steps=4, spacing="karras", guidance=2, seed=3, batch_size=2, progress=False)
+    a = pipe(n=4, sampler=sampler, steps=4, spacing="karras", guidance=2, seed=3, batch_size=4, progress=False)
+    b = pipe(n=4, sampler=sampler, steps=4, spacing="karras", guidance=2, seed=3, batch_size=2, progress=False)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert torch.isfinite(a).all()
 

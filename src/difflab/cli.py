@@ -25,7 +25,7 @@ def _train(args) -> None:
         if rank != 0:
             return
     print(f"run folder: {run}")
-    if not args.no_eval and cfg.data.dataset == "digits" and cfg.data.conditional:
+    if not args.no_eval and cfg.data.dataset in ("digits", "shapes") and cfg.data.conditional:
         _print_eval(run, progress=not args.quiet)
 
 
@@ -38,8 +38,22 @@ def _print_eval(run, **kw) -> None:
 
 
 def _eval(args) -> None:
-    _print_eval(args.run, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                extra_guidance=args.extra_guidance, n=args.n, seed=args.seed, progress=not args.quiet)
+    if args.ref is None and args.metrics is None:  # the built-in digits / shapes evaluation
+        _print_eval(args.run, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                    extra_guidance=args.extra_guidance, n=args.n, seed=args.seed, progress=not args.quiet)
+        return
+    from .evaluation import evaluate_against_reference, format_evaluation
+
+    if args.extra_guidance is not None:
+        raise ValueError("--extra-guidance belongs to the built-in evaluation; with --ref/--metrics run one "
+                         "`difflab eval` per guidance scale (--guidance)")
+    result = evaluate_against_reference(
+        args.run, args.ref, args.n, args.metrics or "fid", args.extractor, shard_size=args.shard_size,
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+        clip=args.clip, inception_weights=args.inception_weights, progress=not args.quiet)
+    if result is not None:  # rank 0 (or the only process)
+        print(format_evaluation(result))
+        print(f"metrics written to {result['path']}")
 
 
 def _sample(args) -> None:
@@ -52,8 +66,10 @@ def _sample(args) -> None:
     if labels is not None and len(labels) != args.n:
         raise ValueError(f"--labels gives {len(labels)} labels for --n {args.n}")
     kwargs = {"eta": args.eta} if args.eta is not None else {}
-    images = pipe(args.n, labels, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-                  guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+    prompt = None if args.prompt is None else (args.prompt.split("|") if "|" in args.prompt else args.prompt)
+    images = pipe(prompt, n=args.n, labels=labels, negative_prompt=args.negative_prompt, sampler=args.sampler,
+                  steps=args.steps, spacing=args.spacing, guidance=args.guidance,
+                  guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size,
                   progress=not args.quiet, **kwargs)
     used = labels if labels is not None else ([i % pipe.num_classes for i in range(args.n)] if pipe.num_classes else None)
     for path in save_samples(images, Path(args.out), used, nrow=args.nrow):
@@ -64,7 +80,7 @@ def _fid_stats(args) -> None:
     from .pipelines import fid_stats
 
     meta = fid_stats(args.folder, args.out, extractor=args.extractor, image_size=args.image_size,
-                     weights=args.weights, batch_size=args.batch_size, progress=not args.quiet)
+                     weights=args.weights, clip=args.clip, progress=not args.quiet)
     print(f"wrote {args.out} ({meta['extractor']} features of {meta['n']} images)")
 
 
@@ -92,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True)
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--labels", help="comma-separated class labels (one label = all samples)")
+    s.add_argument("--prompt", help="text models: the prompt (or n prompts separated by '|')")
+    s.add_argument("--negative-prompt", default=None, help="text models: replaces the empty prompt in guidance")
+    s.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (Lin et al. 2024)")
     s.add_argument("--sampler", default=None, help="see `difflab samplers` (default: the run's eval.sampler)")
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--spacing", "--schedule", dest="spacing", default=None,
@@ -107,25 +126,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_sample)
 
     e = sub.add_parser("eval", help="score a run's samples; writes metrics.json")
-    e.add_argument("--run", required=True)
+    # --run-dir / --num-samples: spellings torchrun's own parser does not take for abbreviations of its
+    # options (it rejects `--run` as ambiguous with --run-path, `--n` with --nnodes, --nproc-per-node ...)
+    e.add_argument("--run", "--run-dir", dest="run", required=True)
     e.add_argument("--sampler", default=None)
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--extra-guidance", type=lambda s: [float(v) for v in s.split(",") if v], default=None,
                    help="comma-separated further guidance scales to report")
-    e.add_argument("--n", type=int, default=None)
+    e.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                   help="number of samples (default: the run's eval.n_samples)")
     e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--ref", default=None, help="reference statistics (.npz from `difflab fid-stats`) or an image "
+                                               "folder: score sharded samples against it (difflab.evaluation)")
+    e.add_argument("--metrics", default=None, help="with --ref: comma list of fid,kid,is,pr (default fid); "
+                                                   "is alone needs no --ref")
+    e.add_argument("--extractor", default=None, choices=["inception", "digits", "shapes", "clip"],
+                   help="feature extractor (default: the reference's, else inception)")
+    e.add_argument("--shard-size", type=int, default=1000, help="samples per resumable shard")
+    e.add_argument("--batch-size", type=int, default=None, help="sampling batch (default: the run's eval.batch_size)")
+    e.add_argument("--clip", default=None, help="local CLIP folder for --extractor clip (else $DIFFLAB_CLIP_PATH)")
+    e.add_argument("--inception-weights", default=None,
+                   help="Inception weights file (else $DIFFLAB_INCEPTION_WEIGHTS or the torch hub cache)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
 
     f = sub.add_parser("fid-stats", help="reference statistics (mu, sigma) of an image folder as .npz")
     f.add_argument("folder")
     f.add_argument("--out", required=True)
-    f.add_argument("--extractor", default="inception", choices=["inception", "digits"])
-    f.add_argument("--image-size", type=int, default=None, help="resize/crop size (inception 299, digits 8)")
+    f.add_argument("--extractor", default="inception", choices=["inception", "digits", "shapes", "clip"])
+    f.add_argument("--image-size", type=int, default=None,
+                   help="resize/crop size: the evaluated run's image size (default 8 for digits, else 32)")
+    f.add_argument("--clip", default=None, help="local CLIP folder for --extractor clip (else $DIFFLAB_CLIP_PATH)")
     f.add_argument("--weights", default=None, help="Inception weights file (else $DIFFLAB_INCEPTION_WEIGHTS "
                                                     "or the torch hub cache)")
-    f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_fid_stats)
 

@@ -1,8 +1,9 @@
 """The one conditioning value that travels from data to network.
 
-A ``Cond`` holds optional, batch-first tensors (class labels today; text
-context, concat images, control residuals later). Samplers and guidance treat
-it as an opaque batch: they only concatenate, index and expand it.
+A ``Cond`` holds optional, batch-first tensors: class labels; text context
+(per-token embeddings, their mask and a pooled vector); concat images and
+control residuals later. Samplers and guidance treat it as an opaque batch:
+they only concatenate, index and expand it.
 """
 from __future__ import annotations
 
@@ -12,9 +13,20 @@ import torch
 from torch import Tensor
 
 
+SEQUENCE_FIELDS = ("context", "context_mask")  # (B, L, ...): padded along L when lengths differ
+
+
 @dataclass(frozen=True)
 class Cond:
-    labels: Tensor | None = None  # (B,) int64; the null label is the network's num_classes
+    labels: Tensor | None = None        # (B,) int64; the null label is the network's num_classes
+    context: Tensor | None = None       # (B, L, D) text token embeddings, cross-attended by the network
+    context_mask: Tensor | None = None  # (B, L) bool, True = a real token (padding is never attended)
+    pooled: Tensor | None = None        # (B, P) pooled text embedding, added to the noise embedding
+
+    @classmethod
+    def from_text(cls, embedding) -> "Cond":
+        """From a ``difflab.text.TextEmbedding`` (tokens, mask, pooled)."""
+        return cls(context=embedding.tokens, context_mask=embedding.mask, pooled=embedding.pooled)
 
     def _map(self, fn) -> "Cond":
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
@@ -25,7 +37,7 @@ class Cond:
         for f in fields(self):
             if (getattr(self, f.name) is None) != (getattr(other, f.name) is None):
                 raise ValueError(f"cannot concatenate Conds: field {f.name!r} is set in only one of them")
-        return replace(self, **{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)])
+        return replace(self, **{f.name: _cat(f.name, getattr(self, f.name), getattr(other, f.name))
                                 for f in fields(self) if getattr(self, f.name) is not None})
 
     def __getitem__(self, index) -> "Cond":
@@ -37,3 +49,11 @@ class Cond:
 
     def to(self, device) -> "Cond":
         return self._map(lambda t: t.to(device))
+
+
+def _cat(name: str, a: Tensor, b: Tensor) -> Tensor:
+    """Concatenate along the batch; token sequences of different lengths are zero/False-padded first."""
+    if name in SEQUENCE_FIELDS and a.shape[1] != b.shape[1]:
+        length = max(a.shape[1], b.shape[1])
+        a, b = (torch.cat([t, t.new_zeros(len(t), length - t.shape[1], *t.shape[2:])], 1) for t in (a, b))
+    return torch.cat([a, b])

@@ -32,6 +32,10 @@ class ModelConfig:
     dropout: float = 0.0
     groups: int = 8
     scale_shift: bool = True
+    text_encoder: str = choice("", "", "minilm", "clip")  # "" = no text; frozen encoders, embeddings cached
+    text_encoder_path: str = ""  # clip: a local folder (or $DIFFLAB_CLIP_PATH); minilm ships with its package
+    text_max_length: int = 32
+    transformer_depth: int = 1   # TransformerBlocks per cross-attention level (text models)
 
 
 @dataclass
@@ -48,12 +52,16 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = choice("digits", "digits", "folder")
+    dataset: str = choice("digits", "digits", "folder", "shapes")
     path: str = ""            # image folder (dataset=folder); sub-folders become class labels
     image_size: int = 8       # folder images are resized (shorter side) and centre-cropped to this
-    channels: int = 1         # 1 = greyscale, 3 = RGB (folder)
+    channels: int = 1         # 1 = greyscale, 3 = RGB (folder, shapes)
     holdout: float = 0.2      # digits: stratified held-out fraction, never trained on
-    conditional: bool = True  # class-conditional when the data has labels
+    conditional: bool = True  # conditional on the labels (digits, folder) or captions (shapes)
+    scenes: int = 20000       # shapes: number of training scenes (held-out ones are rendered apart)
+    min_objects: int = 1      # shapes: objects per scene
+    max_objects: int = 3
+    world_seed: int = 0       # shapes: the world's seed; scene i is a pure function of (world_seed, i)
 
 
 @dataclass
@@ -68,7 +76,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
-    label_dropout: float = 0.2  # classifier-free guidance: rate of training on the null label
+    label_dropout: float = 0.2  # classifier-free guidance: rate of training on the null label / empty prompt
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
     device: str = "auto"
     seed: int = 0
@@ -85,6 +93,8 @@ class EvalConfig:
     spacing: str = ""         # "" = the schedule's native grid (karras for edm, trailing for discrete)
     guidance: float = 3.0
     extra_guidance: list[float] = field(default_factory=lambda: [1.0])
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2024 (0 = off)
+    negative_prompt: str = ""      # text models: takes the empty prompt's place in guidance
     n_samples: int = 1000
     seed: int = 0
     batch_size: int = 500
@@ -174,6 +184,22 @@ def validate(cfg: Config) -> Config:
                           f"got {cfg.data.image_size} and {cfg.data.channels}")
     if cfg.data.dataset == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name an image folder when data.dataset=folder")
+    d = cfg.data
+    if d.dataset == "shapes":
+        if d.channels != 3:
+            raise ConfigError(f"shapes are RGB: data.channels must be 3, got {d.channels}")
+        if not 1 <= d.min_objects <= d.max_objects <= 3 or d.scenes < 1:
+            raise ConfigError("shapes need 1 <= data.min_objects <= data.max_objects <= 3 and data.scenes >= 1, "
+                              f"got {d.min_objects}, {d.max_objects}, {d.scenes}")
+        if d.conditional and not m.text_encoder:
+            raise ConfigError("shapes are captioned: set model.text_encoder (minilm or clip), "
+                              "or data.conditional=false for an unconditional model")
+    elif m.text_encoder:
+        raise ConfigError(f"model.text_encoder={m.text_encoder!r} needs captioned data (data.dataset=shapes), "
+                          f"got data.dataset={d.dataset}")
+    if d.image_size % 2 ** (len(m.channel_mult) - 1):
+        raise ConfigError(f"data.image_size ({d.image_size}) must be divisible by the U-Net's downsampling "
+                          f"factor 2^(len(model.channel_mult) - 1) = {2 ** (len(m.channel_mult) - 1)}")
     return cfg
 
 

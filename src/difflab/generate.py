@@ -16,27 +16,35 @@ def sample_seeds(seed: int, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate(denoiser, shape, n: int, *, labels: Tensor | None = None, null_label: int | None = None,
-             sampler: str = "ddim", steps: int = 50, spacing: str | None = None, guidance: float = 1.0,
-             seed: int = 0, batch_size: int = 256, device=None, progress: bool = True,
+def generate(denoiser, shape, n: int, *, cond: Cond | None = None, null_cond: Cond | None = None,
+             labels: Tensor | None = None, null_label: int | None = None, sampler: str = "ddim", steps: int = 50,
+             spacing: str | None = None, guidance: float = 1.0, guidance_rescale: float = 0.0, guide=None,
+             seed: int = 0, first_index: int = 0, batch_size: int = 256, device=None, progress: bool = True,
              **sampler_kwargs) -> Tensor:
     """``n`` samples of ``shape`` (without batch), as float32 on the CPU.
 
-    With ``labels`` (n,) the model is wrapped in classifier-free guidance at
-    ``guidance`` (1 = conditional, 0 = unconditional) against ``null_label``.
-    Results depend on (seed, sample index), never on ``batch_size``.
+    With a condition (``cond``, n rows, or class ``labels`` (n,)) the model is wrapped in
+    classifier-free guidance at ``guidance`` (1 = conditional, 0 = unconditional) against
+    ``null_cond`` (or ``null_label``), with guidance rescale ``guidance_rescale``; ``guide``, a
+    function of the denoiser returning a denoiser (e.g. ``SafeGuidance`` or ``ClassifierGuidance``),
+    replaces that wrapper. Results depend on (seed, sample index), never on ``batch_size``;
+    ``first_index`` k makes these samples k .. k + n - 1 of the seed's stream (shards of one run).
     """
     info = sampler_info(sampler)
     sigmas = denoiser.schedule.sigmas(steps, spacing)
     if device is None:
         params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []
         device = params[0].device if params else torch.device("cpu")
-    model = denoiser
     if labels is not None:
-        if len(labels) != n:
-            raise ValueError(f"expected {n} labels, got {len(labels)}")
-        model = ClassifierFreeGuidance(denoiser, guidance, Cond(labels=torch.tensor([null_label])))
-    seeds = sample_seeds(seed, n)
+        cond, null_cond = Cond(labels=torch.as_tensor(labels)), Cond(labels=torch.tensor([null_label]))
+    model = denoiser
+    if guide is not None:
+        model = guide(denoiser)
+    elif cond is not None:
+        model = ClassifierFreeGuidance(denoiser, guidance, null_cond, rescale=guidance_rescale)
+    if cond is not None and len(next(v for v in vars(cond).values() if v is not None)) != n:
+        raise ValueError(f"expected a condition for each of the {n} samples")
+    seeds = sample_seeds(seed, first_index + n)[first_index:]
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"{sampler} x{steps}"):
         stop = min(n, start + batch_size)
@@ -46,6 +54,6 @@ def generate(denoiser, shape, n: int, *, labels: Tensor | None = None, null_labe
             positive = sigmas[sigmas > 0]
             noise = BrownianNoise(seeds[start:stop], shape, float(positive.min()), float(positive.max()),
                                   device=device)
-        cond = None if labels is None else Cond(labels=labels[start:stop].to(device))
-        out.append(info.fn(model, x, sigmas, cond, noise=noise, progress=False, **sampler_kwargs).float().cpu())
+        rows = None if cond is None else cond[start:stop].to(device)
+        out.append(info.fn(model, x, sigmas, rows, noise=noise, progress=False, **sampler_kwargs).float().cpu())
     return torch.cat(out)

@@ -1,4 +1,4 @@
-"""Datasets as in-memory tensors: images in [-1, 1] shaped (N, C, H, W), int64 labels or None."""
+"""Datasets as in-memory tensors: images in [-1, 1] shaped (N, C, H, W), int64 labels or captions or None."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +14,7 @@ class ImageData:
     labels: Tensor | None
     num_classes: int | None
     class_names: list[str] | None = None
+    captions: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -84,10 +85,27 @@ def load_image_folder(path, image_size: int, channels: int = 3, conditional: boo
     return ImageData(images.contiguous(), labels, len(classes), classes)
 
 
+SHAPES_HELDOUT_START = 10_000_000  # held-out shapes scenes are indices from here on, never trained on
+
+
+def load_shapes_data(data_cfg, split: str = "train", n: int | None = None) -> ImageData:
+    """Captioned renders of the procedural shapes world (``difflab.data.shapes``)."""
+    from .shapes import ShapesWorld
+
+    if split not in ("train", "heldout"):
+        raise ValueError(f"shapes split must be train or heldout, got {split!r}")
+    world = ShapesWorld(data_cfg.image_size, data_cfg.min_objects, data_cfg.max_objects, data_cfg.world_seed)
+    start = 0 if split == "train" else SHAPES_HELDOUT_START
+    scenes = world.load(n or data_cfg.scenes, start=start)
+    return ImageData(scenes.images, None, None, captions=scenes.captions)
+
+
 def load_data(data_cfg, split: str = "train") -> ImageData:
     """The dataset a DataConfig names. Folder datasets have no held-out split."""
     if data_cfg.dataset == "digits":
         data = load_digits(split, data_cfg.holdout)
+    elif data_cfg.dataset == "shapes":
+        data = load_shapes_data(data_cfg, split)
     else:
         data = load_image_folder(data_cfg.path, data_cfg.image_size, data_cfg.channels, data_cfg.conditional)
     if not data_cfg.conditional:

@@ -75,15 +75,83 @@ class SelfAttention(nn.Module):
         return x + self.out(h).transpose(1, 2).reshape(b, c, *spatial)
 
 
-class Block(nn.Module):
-    """A ResBlock, optionally followed by self-attention."""
+class Attention(nn.Module):
+    """Multi-head attention of ``x`` (B, N, C) to ``context`` (B, L, D) (itself when None).
 
-    def __init__(self, res: ResBlock, attn: SelfAttention | None):
+    ``heads`` heads of ``head_dim`` channels; ``mask`` (B, L) bool marks the context tokens
+    that may be attended (padding may not).
+    """
+
+    def __init__(self, channels: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(f"attention channels {channels} are not divisible by head_dim {head_dim}")
+        self.heads = channels // head_dim
+        self.q = nn.Linear(channels, channels, bias=False)
+        self.kv = nn.Linear(context_dim or channels, 2 * channels, bias=False)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        kv = self.kv(x if context is None else context)
+        k, v = kv.reshape(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(h.transpose(1, 2).reshape(b, n, c))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN self-attention, cross-attention to the text, GEGLU feed-forward (Rombach et al. 2022, App. E)."""
+
+    def __init__(self, channels: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(channels) for _ in range(3))
+        self.self_attn = Attention(channels, head_dim)
+        self.cross_attn = Attention(channels, head_dim, context_dim)
+        self.ff_in = nn.Linear(channels, 8 * channels)  # GEGLU: value and gate, 4x wide each
+        self.ff_out = nn.Linear(4 * channels, channels)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context, mask)
+        value, gate = self.ff_in(self.norm3(x)).chunk(2, dim=-1)
+        return x + self.ff_out(value * F.gelu(gate))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, project to tokens, ``depth`` TransformerBlocks over all positions, project back, residual."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int, context_dim: int, depth: int = 1):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList([TransformerBlock(channels, head_dim, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, cond: Cond | None) -> Tensor:
+        if cond is None or cond.context is None:
+            raise ValueError("this UNet cross-attends to text: pass Cond(context=..., context_mask=...) "
+                             "(the empty prompt's embedding is the unconditional input)")
+        b, c, *spatial = x.shape
+        h = self.proj_in(self.norm(x).reshape(b, c, -1).transpose(1, 2))
+        context = cond.context.to(h.dtype)
+        for block in self.blocks:
+            h = block(h, context, cond.context_mask)
+        return x + self.proj_out(h).transpose(1, 2).reshape(b, c, *spatial)
+
+
+class Block(nn.Module):
+    """A ResBlock, optionally followed by self-attention or a cross-attending SpatialTransformer."""
+
+    def __init__(self, res: ResBlock, attn: nn.Module | None):
         super().__init__()
         self.res, self.attn = res, attn
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, cond=None):
         x = self.res(x, emb)
+        if isinstance(self.attn, SpatialTransformer):
+            return self.attn(x, cond)
         return self.attn(x) if self.attn is not None else x
 
 
@@ -116,6 +184,10 @@ class UNet(nn.Module):
         head_dim: channels per attention head.
         num_classes: if set, a label embedding with an extra null class (index
             ``num_classes``) for classifier-free guidance.
+        context_dim: if set, the attention levels (and the middle) become SpatialTransformers
+            that cross-attend to ``cond.context`` of this width (text conditioning).
+        pooled_dim: if set, ``cond.pooled`` is projected and added to the noise embedding.
+        transformer_depth: TransformerBlocks per SpatialTransformer.
         scale_shift: inject the time embedding as GroupNorm scale-shift (ADM) instead of adding it.
         dims: 1, 2 or 3 spatial dimensions.
     """
@@ -124,7 +196,8 @@ class UNet(nn.Module):
                  channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 2,
                  attn_levels: Sequence[int] = (1,), mid_attn: bool = True, head_dim: int = 32,
                  num_classes: int | None = None, dropout: float = 0.0, groups: int = 32,
-                 scale_shift: bool = True, dims: int = 2):
+                 scale_shift: bool = True, dims: int = 2, context_dim: int | None = None,
+                 pooled_dim: int | None = None, transformer_depth: int = 1):
         super().__init__()
         if dims not in CONV:
             raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
@@ -135,9 +208,16 @@ class UNet(nn.Module):
         self.channels = channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
+        self.context_dim = context_dim
+
+        def attention(c):
+            if context_dim:
+                return SpatialTransformer(c, head_dim, groups, context_dim, transformer_depth)
+            return SelfAttention(c, head_dim, groups)
 
         def block(c_in, c_out, level):
-            attn = SelfAttention(c_out, head_dim, groups) if level in attn_levels else None
+            attn = attention(c_out) if level in attn_levels else None
             return Block(ResBlock(dims, c_in, c_out, emb_dim, groups, dropout, scale_shift), attn)
 
         widths = [channels * m for m in channel_mult]
@@ -153,7 +233,7 @@ class UNet(nn.Module):
                 self.down.append(Downsample(dims, c))
                 skips.append(c)
         res = lambda: ResBlock(dims, c, c, emb_dim, groups, dropout, scale_shift)  # noqa: E731
-        self.mid = nn.ModuleList([Block(res(), SelfAttention(c, head_dim, groups) if mid_attn else None),
+        self.mid = nn.ModuleList([Block(res(), attention(c) if mid_attn else None),
                                   Block(res(), None)])
         self.up = nn.ModuleList()
         for level, w in reversed(list(enumerate(widths))):
@@ -181,14 +261,18 @@ class UNet(nn.Module):
                 raise ValueError("this UNet is class-conditional: pass Cond(labels=...) "
                                  f"(use label {self.num_classes} for the null class)")
             emb = emb + self.label_emb(cond.labels)
+        if self.pooled_proj is not None:
+            if cond is None or cond.pooled is None:
+                raise ValueError("this UNet takes a pooled text embedding: pass Cond(pooled=...)")
+            emb = emb + self.pooled_proj(cond.pooled.to(emb.dtype))
         emb = F.silu(emb)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h, emb)
+            h = layer(h, emb, cond) if isinstance(layer, Block) else layer(h)
             hs.append(h)
         for layer in self.mid:
-            h = layer(h, emb)
+            h = layer(h, emb, cond)
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], 1), emb) if isinstance(layer, Block) else layer(h)
+            h = layer(torch.cat([h, hs.pop()], 1), emb, cond) if isinstance(layer, Block) else layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))

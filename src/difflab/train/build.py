@@ -6,12 +6,14 @@ from ..config import Config
 from ..nn import UNet
 
 
-def build_unet(cfg: Config, num_classes: int | None) -> UNet:
+def build_unet(cfg: Config, conditioner=None) -> UNet:
+    """The U-Net of ``cfg``; ``conditioner`` (``difflab.conditioning``) adds a label embedding or
+    cross-attention to text, or None for an unconditional model."""
     m = cfg.model
     return UNet(in_channels=cfg.data.channels, channels=m.channels, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attn_levels=tuple(m.attn_levels), mid_attn=m.mid_attn,
-                head_dim=m.head_dim, num_classes=num_classes, dropout=m.dropout, groups=m.groups,
-                scale_shift=m.scale_shift)
+                head_dim=m.head_dim, dropout=m.dropout, groups=m.groups, scale_shift=m.scale_shift,
+                transformer_depth=m.transformer_depth, **(conditioner.unet_kwargs() if conditioner else {}))
 
 
 def build_schedule(cfg: Config) -> schedules.NoiseSchedule:

@@ -18,9 +18,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..cond import Cond
+from torch import Tensor
+
+from ..conditioning import TextConditioner, conditioner_for
 from ..config import Config
-from ..data import ImageData, load_data
+from ..data import load_data
 from ..generate import generate
 from . import checkpoint as ckpt
 from .build import build_denoiser, build_unet
@@ -54,18 +56,21 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
     return torch.cat(parts)
 
 
-def global_batch(data: ImageData, cfg: Config, step: int, schedule):
-    """(x0, sigma, noise, labels) for the whole global batch of ``step``."""
+def global_batch(images: Tensor, labels: Tensor | None, null_label: int | None, cfg: Config, step: int,
+                 schedule):
+    """(x0, sigma, noise, labels) for the whole global batch of ``step``; dropped labels become ``null_label``.
+
+    ``labels`` are class labels or, for captioned data, rows of the text-embedding table.
+    """
     t = cfg.train
     g = step_generator(t.seed, step)
-    idx = batch_indices(step, t.batch_size, len(data), t.seed)
-    x0 = data.images[idx]
+    idx = batch_indices(step, t.batch_size, len(images), t.seed)
+    x0 = images[idx]
     sigma = schedule.sample_sigma(t.batch_size, g)
     noise = torch.randn(x0.shape, generator=g)
-    labels = None
-    if data.labels is not None:
+    if labels is not None:
         drop = torch.rand(t.batch_size, generator=g) < t.label_dropout
-        labels = torch.where(drop, data.num_classes, data.labels[idx])
+        labels = torch.where(drop, null_label, labels[idx])
     return x0, sigma, noise, labels
 
 
@@ -111,8 +116,11 @@ class Trainer:
         self.micro = _check_batch(cfg, self.dist)
         self.run = Path(cfg.out)
         self.data = load_data(cfg.data, "train")
+        self.conditioner = conditioner_for(cfg, self.data, progress=progress and self.dist.is_main)
+        self.labels = (self.conditioner.labels(self.data.captions) if isinstance(self.conditioner, TextConditioner)
+                       else self.data.labels)
         torch.manual_seed(cfg.train.seed)
-        self.net = build_unet(cfg, self.data.num_classes).to(self.device)
+        self.net = build_unet(cfg, self.conditioner).to(self.device)
         self.ema = EMA(self.net)
         train_net = DistributedDataParallel(self.net) if self.dist.enabled else self.net
         self.train_denoiser = build_denoiser(cfg, train_net)
@@ -153,7 +161,8 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        x0, sigma, noise, labels = global_batch(self.data, cfg, self.step, self.schedule)
+        null = self.conditioner.null_index if self.conditioner else None
+        x0, sigma, noise, labels = global_batch(self.data.images, self.labels, null, cfg, self.step, self.schedule)
         torch.manual_seed((t.seed * 1_000_003 + self.step) * 4096 + self.dist.rank)  # dropout, per rank
         rows = slice(self.dist.rank * self.micro * t.grad_accum, (self.dist.rank + 1) * self.micro * t.grad_accum)
         x0, sigma, noise = x0[rows].to(self.device), sigma[rows].to(self.device), noise[rows].to(self.device)
@@ -163,7 +172,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for j in range(t.grad_accum):
             mb = slice(j * self.micro, (j + 1) * self.micro)
-            cond = Cond(labels=labels[mb]) if labels is not None else None
+            cond = self.conditioner.cond(labels[mb]) if labels is not None else None
             sync = self.dist.enabled and j < t.grad_accum - 1
             with (self.train_denoiser.net.no_sync() if sync else nullcontext()), _autocast(self.device, t.precision):
                 loss = self.train_denoiser.loss(x0[mb], sigma[mb], noise[mb], cond, weighting=cfg.diffusion.weighting,
@@ -193,14 +202,21 @@ class Trainer:
         if not self.dist.is_main:
             return
         ema_denoiser = build_denoiser(self.cfg, self.ema.model)
-        n_classes = self.data.num_classes or 0
-        n = 10 * max(1, min(n_classes, 10)) if n_classes else 64
-        labels = torch.arange(n) % n_classes if n_classes else None
+        c, nrow, cond, null = self.conditioner, 8, None, None
+        if isinstance(c, TextConditioner):  # one row per shape, one column per colour
+            from ..data.shapes import COLOURS, SHAPES, prompt
+
+            prompts = [prompt(colour, shape) for shape in SHAPES for colour in COLOURS]
+            n, nrow, cond, null = len(prompts), len(COLOURS), c.encode(prompts), c.null()
+        elif c is not None:
+            n, nrow = 10 * min(c.num_classes, 10), 10
+            cond, null = c.cond(torch.arange(n) % c.num_classes), c.null()
+        else:
+            n = 64
         e = self.cfg.eval
-        x = generate(ema_denoiser, self.data.images.shape[1:], n, labels=labels, null_label=n_classes,
-                     sampler=e.sampler, steps=min(e.steps, 25), spacing=e.spacing, guidance=e.guidance,
-                     seed=e.seed, progress=False)
-        save_grid(x, self.run / "samples" / f"step_{self.step:07d}.png", nrow=10 if n_classes else 8)
+        x = generate(ema_denoiser, self.data.images.shape[1:], n, cond=cond, null_cond=null, sampler=e.sampler,
+                     steps=min(e.steps, 25), spacing=e.spacing, guidance=e.guidance, seed=e.seed, progress=False)
+        save_grid(x, self.run / "samples" / f"step_{self.step:07d}.png", nrow=nrow)
 
     def fit(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
