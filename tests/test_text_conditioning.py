@@ -123,7 +123,11 @@ def test_sld_without_safety_is_cfg_and_with_it_follows_the_paper():
         nu = 0.7 * nu + 0.3 * gamma
         direction = eps_p - eps_u - (gamma if i >= 1 else 0)
         torch.testing.assert_close(sld(x, sig, prompt), x - s * (eps_u + 7.5 * direction))
-    # a new trajectory (sigma rises again) starts from a fresh state
+    # a second call at the same level (Heun's corrector, churn) reuses the level's momentum
+    again = sld(x, torch.full((2,), 1.0), prompt)
+    torch.testing.assert_close(again, x - 1.0 * (eps_u + 7.5 * direction))
+    # reset() starts a new trajectory
+    sld.reset()
     sld(x, torch.full((2,), 5.0), prompt)
     assert sld._levels == 1
 
@@ -138,3 +142,16 @@ def test_guidance_interval_switches_by_sigma():
     assert (w(x, torch.tensor([3.0, 3.0])) == -1).all() and (w(x, torch.tensor(0.1)) == -1).all()
     with pytest.raises(ValueError, match="sigma_lo"):
         GuidanceInterval(guided, plain, 2.0, 1.0)
+
+
+def test_generate_slices_per_sample_negative_prompts_by_batch(text_denoiser):
+    from difflab.generate import generate
+
+    cond, negative = text_cond(5, 6, 0), text_cond(5, 4, 1)
+    kw = dict(cond=cond, null_cond=negative, guidance=3, sampler="dpmpp_2m", steps=3, seed=0, progress=False)
+    whole = generate(text_denoiser, (3, 8, 8), 5, batch_size=5, **kw)
+    torch.testing.assert_close(generate(text_denoiser, (3, 8, 8), 5, batch_size=2, **kw), whole, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="1 row or one per sample"):
+        generate(text_denoiser, (3, 8, 8), 5, cond=cond, null_cond=text_cond(2, 4, 1), progress=False)
+    with pytest.raises(ValueError, match="cannot expand"):
+        text_cond(2, 4, 1).expand(5)

@@ -42,7 +42,7 @@ def test_text_pipeline_errors(text_run):
         pipe(n=2, steps=2, progress=False)
     with pytest.raises(ValueError, match="not labels"):
         pipe("a red circle", n=2, labels=[1, 2], steps=2, progress=False)
-    with pytest.raises(ValueError, match="1 or 3 prompts"):
+    with pytest.raises(ValueError, match="list of 3 prompts"):
         pipe(["a", "b"], n=3, steps=2, progress=False)
     with pytest.raises(TypeError, match="n="):
         pipe(4)

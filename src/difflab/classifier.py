@@ -177,8 +177,8 @@ def _check_training_data(images: Tensor, labels: Tensor, num_classes: int) -> tu
 @torch.no_grad()
 def noisy_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, sigma: float, seed: int = 0) -> float:
     """Accuracy of ``classifier`` on ``images + sigma n`` (a fixed noise draw from ``seed``)."""
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    logits = classifier(images + sigma * noise, torch.full((len(images),), float(sigma), dtype=torch.float64))
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images.device)
+    logits = classifier(images + sigma * noise, torch.full((len(images),), float(sigma), device=images.device))
     return float((logits.argmax(1) == labels).float().mean())
 
 

@@ -37,14 +37,23 @@ class Cond:
         for f in fields(self):
             if (getattr(self, f.name) is None) != (getattr(other, f.name) is None):
                 raise ValueError(f"cannot concatenate Conds: field {f.name!r} is set in only one of them")
+        if self.context is not None and self.context_mask is None and self.context.shape[1] != other.context.shape[1]:
+            raise ValueError("cannot pad text contexts of different lengths without a context_mask "
+                             "(the padding would be attended)")
         return replace(self, **{f.name: _cat(f.name, getattr(self, f.name), getattr(other, f.name))
                                 for f in fields(self) if getattr(self, f.name) is not None})
 
     def __getitem__(self, index) -> "Cond":
         return self._map(lambda t: t[index])
 
+    def __len__(self) -> int:
+        """The batch size (0 for an empty Cond)."""
+        return next((len(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None), 0)
+
     def expand(self, batch: int) -> "Cond":
-        """Repeat a batch-1 Cond to ``batch`` rows (e.g. a null condition)."""
+        """Repeat a batch-1 Cond to ``batch`` rows (e.g. a null condition); a ``batch``-row one is kept."""
+        if len(self) not in (1, batch):
+            raise ValueError(f"cannot expand a Cond of {len(self)} rows to {batch} rows (give 1 row or {batch})")
         return self._map(lambda t: t.expand(batch, *t.shape[1:]) if len(t) == 1 else t)
 
     def to(self, device) -> "Cond":

@@ -166,6 +166,7 @@ def parse_overrides(items: list[str]) -> dict:
 def validate(cfg: Config) -> Config:
     m, t = cfg.model, cfg.train
     positive = {"model.channels": m.channels, "model.num_res_blocks": m.num_res_blocks,
+                "model.transformer_depth": m.transformer_depth, "model.text_max_length": m.text_max_length,
                 "model.head_dim": m.head_dim, "train.steps": t.steps, "train.batch_size": t.batch_size,
                 "train.grad_accum": t.grad_accum, "eval.steps": cfg.eval.steps,
                 "eval.n_samples": cfg.eval.n_samples, "data.image_size": cfg.data.image_size}
@@ -184,6 +185,10 @@ def validate(cfg: Config) -> Config:
                           f"got {cfg.data.image_size} and {cfg.data.channels}")
     if cfg.data.dataset == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name an image folder when data.dataset=folder")
+    if not 0 <= cfg.eval.guidance_rescale <= 1:
+        raise ConfigError(f"config key 'eval.guidance_rescale' must lie in [0, 1], got {cfg.eval.guidance_rescale}")
+    if m.text_encoder and not (m.attn_levels or m.mid_attn):
+        raise ConfigError("a text model cross-attends at its attention levels: set model.attn_levels or model.mid_attn")
     d = cfg.data
     if d.dataset == "shapes":
         if d.channels != 3:

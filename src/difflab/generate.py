@@ -1,4 +1,4 @@
-"""Draw samples from a Denoiser: seeded per sample, optionally class-conditional with CFG, in batches."""
+"""Draw samples from a Denoiser: seeded per sample, optionally conditional with guidance, in batches."""
 from __future__ import annotations
 
 import torch
@@ -27,8 +27,10 @@ def generate(denoiser, shape, n: int, *, cond: Cond | None = None, null_cond: Co
     classifier-free guidance at ``guidance`` (1 = conditional, 0 = unconditional) against
     ``null_cond`` (or ``null_label``), with guidance rescale ``guidance_rescale``; ``guide``, a
     function of the denoiser returning a denoiser (e.g. ``SafeGuidance`` or ``ClassifierGuidance``),
-    replaces that wrapper. Results depend on (seed, sample index), never on ``batch_size``;
-    ``first_index`` k makes these samples k .. k + n - 1 of the seed's stream (shards of one run).
+    replaces that wrapper (it then owns the guidance scale and null condition: ``guidance``,
+    ``guidance_rescale`` and ``null_cond`` are not used); it is built once per batch. Results
+    depend on (seed, sample index), never on ``batch_size``; ``first_index`` k makes these
+    samples k .. k + n - 1 of the seed's stream (shards of one run).
     """
     info = sampler_info(sampler)
     sigmas = denoiser.schedule.sigmas(steps, spacing)
@@ -37,17 +39,27 @@ def generate(denoiser, shape, n: int, *, cond: Cond | None = None, null_cond: Co
         device = params[0].device if params else torch.device("cpu")
     if labels is not None:
         cond, null_cond = Cond(labels=torch.as_tensor(labels)), Cond(labels=torch.tensor([null_label]))
-    model = denoiser
-    if guide is not None:
-        model = guide(denoiser)
-    elif cond is not None:
-        model = ClassifierFreeGuidance(denoiser, guidance, null_cond, rescale=guidance_rescale)
-    if cond is not None and len(next(v for v in vars(cond).values() if v is not None)) != n:
-        raise ValueError(f"expected a condition for each of the {n} samples")
+    if cond is not None and len(cond) != n:
+        raise ValueError(f"expected a condition for each of the {n} samples, got {len(cond)} rows")
+    if null_cond is not None and len(null_cond) not in (1, n):
+        raise ValueError(f"the null / negative condition needs 1 row or one per sample ({n}), got {len(null_cond)}")
+
+    def model_for(start: int, stop: int):
+        """The guided denoiser of samples start..stop-1 (per-sample negative prompts sliced to them)."""
+        if guide is not None:
+            return guide(denoiser)
+        if cond is None:
+            return denoiser
+        null = null_cond if len(null_cond) == 1 else null_cond[start:stop]
+        return ClassifierFreeGuidance(denoiser, guidance, null, rescale=guidance_rescale)
+
     seeds = sample_seeds(seed, first_index + n)[first_index:]
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"{sampler} x{steps}"):
         stop = min(n, start + batch_size)
+        model = model_for(start, stop)
+        if hasattr(model, "reset"):  # stateful guidance (SLD momentum) starts every trajectory afresh
+            model.reset()
         noise = SeededNoise(seeds[start:stop], shape, device=device)
         x = noise() * float(sigmas[0])
         if info.brownian:

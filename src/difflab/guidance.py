@@ -52,16 +52,21 @@ class ClassifierFreeGuidance:
 
 
 class SafeGuidance:
-    """Safe Latent Diffusion concept guidance (Schramowski et al. 2023, Eq. 3-6), in sigma space.
+    """Safe Latent Diffusion concept guidance (Schramowski et al. 2023, Eq. 3-8), in sigma space.
 
     Classifier-free guidance at ``scale`` whose direction eps_p - eps_u is reduced, element by
-    element, by mu * (eps_S - eps_u) wherever the prompt's prediction is already close to the unsafe
-    concept's (eps_p - eps_S < ``threshold``), with mu = clip(``safety_scale`` |eps_p - eps_S|, max 1),
-    plus ``momentum`` * nu, nu <- ``beta`` nu + (1 - beta) gamma. The safety term starts after
-    ``warmup`` noise levels of a trajectory (momentum accumulates from the first). Noise
-    predictions are eps = (x - D) / sigma; a new trajectory (sigma rising, or a new batch size)
-    resets the state. Defaults are the paper's "medium" setting. No retraining: three conditions
-    (prompt, null, concept) go through the model in one batched call.
+    element, by gamma = mu * (eps_S - eps_u) + ``momentum`` * nu wherever the prompt's prediction is
+    already close to the unsafe concept's (eps_p - eps_S < ``threshold``), with mu =
+    min(``safety_scale`` |eps_p - eps_S|, 1) as in the reference code and diffusers'
+    StableDiffusionPipelineSafe, and nu <- ``beta`` nu + (1 - beta) gamma. The safety term starts
+    after ``warmup`` noise levels (momentum accumulates from the first). Noise predictions are
+    eps = (x - D) / sigma. Defaults are the paper's "medium" setting. Three conditions (prompt,
+    null, concept) go through the model in one batched call; no retraining.
+
+    State: a noise level is each new, lower sigma the wrapper is called at; momentum advances once
+    per level, so samplers that call the model several times per step (Heun's corrector, churn's
+    raised sigma) reuse the level's momentum. ``reset()`` starts a new trajectory (``generate`` calls
+    it per batch; call it yourself between trajectories when driving a sampler directly).
     """
 
     def __init__(self, denoiser, scale: float, null_cond: Cond, concept: Cond, *, safety_scale: float = 1000.0,
@@ -73,30 +78,28 @@ class SafeGuidance:
         self.reset()
 
     def reset(self) -> None:
-        self._nu, self._last_sigma, self._levels = None, None, 0
-
-    def _advance(self, x: Tensor, sigma: float) -> None:
-        if self._last_sigma is None or sigma > self._last_sigma or self._nu is None or self._nu.shape != x.shape:
-            self.reset()
-            self._nu = torch.zeros_like(x)
-        if self._last_sigma is None or sigma < self._last_sigma:
-            self._levels += 1
-        self._last_sigma = sigma
+        self._nu, self._level_sigma, self._levels = None, float("inf"), 0
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         if cond is None:
             raise ValueError("SafeGuidance needs the prompt's Cond")
         n = len(x)
         sigma = torch.as_tensor(sigma, device=x.device).expand(n)
-        self._advance(x, float(sigma.max()))
+        if self._nu is None or self._nu.shape != x.shape:
+            self.reset()
+            self._nu = torch.zeros_like(x)
+        new_level = float(sigma.max()) < self._level_sigma
+        if new_level:
+            self._level_sigma, self._levels, self._nu_before = float(sigma.max()), self._levels + 1, self._nu
         conds = cond.cat(self.null_cond.expand(n).to(x.device)).cat(self.concept.expand(n).to(x.device))
         x0 = self.denoiser(torch.cat([x] * 3), torch.cat([sigma] * 3), conds)
         s = _sigma_like(sigma, x)
         eps_p, eps_u, eps_s = ((x - d) / s for d in x0.chunk(3))
         mu = (self.safety_scale * (eps_p - eps_s).abs()).clamp(max=1.0)
         mu = torch.where(eps_p - eps_s >= self.threshold, torch.zeros_like(mu), mu)
-        gamma = mu * (eps_s - eps_u) + self.momentum * self._nu
-        self._nu = self.beta * self._nu + (1 - self.beta) * gamma
+        gamma = mu * (eps_s - eps_u) + self.momentum * self._nu_before
+        if new_level:
+            self._nu = self.beta * self._nu_before + (1 - self.beta) * gamma
         direction = eps_p - eps_u - (gamma if self._levels > self.warmup else 0)
         return x - s * (eps_u + self.scale * direction)
 

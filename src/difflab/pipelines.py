@@ -25,6 +25,8 @@ class Pipeline:
     """A trained denoiser (EMA weights by default) with its config and conditioner."""
 
     def __init__(self, cfg: Config, denoiser, conditioner=None, run: Path | None = None):
+        if isinstance(conditioner, int):  # the earlier signature took num_classes
+            conditioner = ClassConditioner(conditioner)
         self.cfg, self.denoiser, self.conditioner, self.run = cfg, denoiser.eval(), conditioner, run
 
     @property
@@ -50,7 +52,7 @@ class Pipeline:
                 raise ValueError("this model is text-conditional: pass prompt='a red circle' (or a list of n prompts)")
             prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
             if len(prompts) != n:
-                raise ValueError(f"expected 1 or {n} prompts, got {len(prompts)}")
+                raise ValueError(f"expected a string or a list of {n} prompts, got a list of {len(prompts)}")
             negative = self.cfg.eval.negative_prompt if negative_prompt is None else negative_prompt
             return self.conditioner.encode(prompts), self.conditioner.encode([negative])
         if prompt is not None or negative_prompt:
@@ -135,7 +137,7 @@ def evaluate(run, *, sampler: str | None = None, steps: int | None = None, guida
     pipe = load(run)
     cfg, e = pipe.cfg, pipe.cfg.eval
     if cfg.data.dataset == "shapes" and pipe.is_text:
-        score_fn, references = _shapes_scorer(pipe)
+        score_fn, references = _shapes_scorer(pipe, n)
     elif cfg.data.dataset == "digits" and pipe.num_classes == 10:
         score_fn, references = _digits_scorer(pipe)
     else:
@@ -178,10 +180,12 @@ def single_object_prompts(n: int) -> tuple[list[str], list[str], list[str]]:
     return [prompt(c, s) for c, s in chosen], [c for c, _ in chosen], [s for _, s in chosen]
 
 
-def _shapes_scorer(pipe):
+def _shapes_scorer(pipe, n: int | None = None):
     from .metrics.shapes import ShapesEvaluator
 
-    evaluator = ShapesEvaluator(pipe.cfg.data.image_size, min_objects=1, max_objects=1)
+    # as many real renders as samples, so the samples' Fréchet and the real-vs-real floor share their bias
+    evaluator = ShapesEvaluator(pipe.cfg.data.image_size, min_objects=1, max_objects=1,
+                                n_reference=n or pipe.cfg.eval.n_samples)
 
     def score(n, g, kw):
         prompts, colours, shapes = single_object_prompts(n)
@@ -191,19 +195,20 @@ def _shapes_scorer(pipe):
 
 def plot_guidance_sweep(sweep: list[dict], path) -> Path:
     """Fidelity (Fréchet distance, lower is better) against prompt alignment, one point per guidance scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     rows = sorted(sweep, key=lambda r: r["guidance"])
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    fig = Figure(figsize=(5, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot([r["frechet"] for r in rows], [r["both_accuracy"] for r in rows], "o-")
     for r in rows:
         ax.annotate(f"w={r['guidance']:g}", (r["frechet"], r["both_accuracy"]), textcoords="offset points",
                     xytext=(4, -10 if r["guidance"] % 2 else 4), fontsize=8)
     ax.set_xscale("log")  # the unguided point sits an order of magnitude away from the guided ones
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("Fréchet distance to real renders (attribute-classifier features, log)")
     ax.set_ylabel("prompt alignment (colour and shape correct)")
     ax.set_title("Classifier-free guidance sweep")
@@ -212,7 +217,6 @@ def plot_guidance_sweep(sweep: list[dict], path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -347,9 +347,10 @@ def words(caption: str) -> list[str]:
 
 
 class TokenEncoder(nn.Module):
-    """A small trainable text transformer on a fixed word vocabulary, trained jointly with the
-    denoiser (the "train the text encoder from scratch" baseline; cf. Imagen's comparison of frozen
-    vs learned text encoders, Saharia et al. 2022).
+    """A small trainable text transformer on a fixed word vocabulary, meant to be trained jointly
+    with the denoiser (the "train the text encoder from scratch" baseline; cf. Imagen's comparison
+    of frozen vs learned text encoders, Saharia et al. 2022). The trainer does not wire it in yet
+    (``model.text_encoder`` takes the frozen encoders); use it from Python.
 
     Sequence = ``[CLS] w_1 ... w_n`` (unknown words -> ``[UNK]``), embedded with learned token and
     position embeddings, then ``layers`` pre-norm ``nn.TransformerEncoder`` layers with a key

@@ -5,7 +5,9 @@ embedding and MLP; per level ``num_res_blocks`` ResBlocks (GroupNorm, SiLU,
 conv, time embedding added or as scale-shift, dropout, conv), optional self-
 attention, a strided-conv downsample; a ResBlock-attention-ResBlock middle; an
 upward path with one more ResBlock per level fed by the skips; GroupNorm, SiLU,
-conv out. Called as ``net(x, c_noise, cond)``.
+conv out. Called as ``net(x, c_noise, cond)``. With ``context_dim`` (text), the attention
+layers are SpatialTransformers: self-attention, masked cross-attention to ``cond.context``,
+GEGLU feed-forward (Rombach et al. 2022); ``cond.pooled`` joins the noise embedding.
 """
 from __future__ import annotations
 

@@ -204,9 +204,10 @@ class Trainer:
         ema_denoiser = build_denoiser(self.cfg, self.ema.model)
         c, nrow, cond, null = self.conditioner, 8, None, None
         if isinstance(c, TextConditioner):  # one row per shape, one column per colour
-            from ..data.shapes import COLOURS, SHAPES, prompt
+            from ..data.shapes import COLOURS, SHAPES
+            from ..pipelines import single_object_prompts
 
-            prompts = [prompt(colour, shape) for shape in SHAPES for colour in COLOURS]
+            prompts = single_object_prompts(len(SHAPES) * len(COLOURS))[0]
             n, nrow, cond, null = len(prompts), len(COLOURS), c.encode(prompts), c.null()
         elif c is not None:
             n, nrow = 10 * min(c.num_classes, 10), 10
