@@ -77,3 +77,17 @@ def test_concept_embedding_is_the_masked_mean(text_run):
     torch.testing.assert_close(concept.context[0, :short], each.context[:, :short].mean(0))
     torch.testing.assert_close(concept.context[0, short:], each.context[1, short:])  # only the long prompt is there
     torch.testing.assert_close(concept.pooled[0], each.pooled.mean(0))
+
+
+def test_text_training_resumes_bit_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    def cfg(steps, out):
+        return load_config(None, TINY_TEXT + [f"train.steps={steps}", "train.checkpoint_every=2",
+                                              "train.sample_every=0", f"out={tmp_path / out}"])
+    train(cfg(4, "straight"), progress=False)
+    train(cfg(2, "resumed"), progress=False)
+    train(cfg(4, "resumed"), resume=True, progress=False)
+    for name in ("model", "ema"):
+        a, b = (load_file(str(tmp_path / run / f"{name}.safetensors")) for run in ("straight", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
