@@ -30,23 +30,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .cond import Cond
+from .denoisers import append_dims, batch_sigma
 from .files import atomic_write
 from .nn.unet import CONV, Downsample, ResBlock, timestep_embedding
 from .schedules import NoiseSchedule
-
-
-def _batch_sigma(x: Tensor, sigma) -> Tensor:
-    """``sigma`` (scalar or (B,)) as a (B,) float64 tensor on x's device."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(len(x))
-    if sigma.shape != (len(x),):
-        raise ValueError(f"sigma must be a scalar or have shape ({len(x)},), got {tuple(sigma.shape)}")
-    return sigma
-
-
-def _per_sample(t: Tensor, ndim: int) -> Tensor:
-    return t.reshape(-1, *([1] * (ndim - 1)))
 
 
 # ------------------------------------------------------------------ the network
@@ -109,9 +96,9 @@ class NoiseAwareClassifier(nn.Module):
     def forward(self, x: Tensor, sigma) -> Tensor:
         """Logits of ``p(y | x, sigma)`` for a sigma-space input ``x = x0 + sigma n``; sigma scalar or (B,)."""
         self.check_input(x)
-        sigma = _batch_sigma(x, sigma)
+        sigma = batch_sigma(x, sigma)
         dtype = self.conv_in.weight.dtype
-        c_in = _per_sample((sigma**2 + self.sigma_data**2).rsqrt(), x.ndim).to(dtype)
+        c_in = append_dims((sigma**2 + self.sigma_data**2).rsqrt(), x.ndim).to(dtype)
         c_noise = (sigma.log() / 4).to(torch.float32)
         emb = F.silu(self.time_mlp(timestep_embedding(c_noise, self.channels).to(dtype)))
         h = self.conv_in(x.to(dtype) * c_in)
@@ -150,7 +137,7 @@ def train_noisy_classifier(images: Tensor, labels: Tensor, num_classes: int, sch
         idx = torch.randint(0, len(images), (batch_size,), generator=g)
         sigma = schedule.sample_sigma(batch_size, g)
         noise = torch.randn(images[idx].shape, generator=g)
-        x = images[idx] + _per_sample(sigma, images.ndim).to(images.dtype) * noise
+        x = images[idx] + append_dims(sigma, images.ndim).to(images.dtype) * noise
         loss = F.cross_entropy(model(x, sigma), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -274,10 +261,10 @@ class ClassifierGuidance:
         return grad.detach()
 
     def __call__(self, x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
-        sigma = _batch_sigma(x, sigma)
+        sigma = batch_sigma(x, sigma)
         x0_hat = self.denoiser(x, sigma, cond)
         if self.scale == 0:
             return x0_hat
         grad = self.grad_log_prob(x, sigma, self.targets(x, cond))
-        shift = self.scale * _per_sample(sigma**2, x.ndim) * grad.double()
+        shift = self.scale * append_dims(sigma**2, x.ndim) * grad.double()
         return (x0_hat.double() + shift).to(x0_hat.dtype).detach()

@@ -22,6 +22,16 @@ def append_dims(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
+def batch_sigma(x: Tensor, sigma) -> Tensor:
+    """``sigma`` (scalar or (B,)) as a (B,) float64 tensor on x's device."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(len(x))
+    if sigma.shape != (len(x),):
+        raise ValueError(f"sigma must be a scalar or have shape ({len(x)},), got {tuple(sigma.shape)}")
+    return sigma
+
+
 # ------------------------------------------------ conversions (x in sigma space)
 
 def eps_from_x0(x: Tensor, x0: Tensor, sigma) -> Tensor:
@@ -64,14 +74,6 @@ class Denoiser(nn.Module):
     def c_noise(self, sigma: Tensor) -> Tensor:
         return self.schedule.c_noise(sigma)
 
-    def _batch_sigma(self, x: Tensor, sigma) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(len(x))
-        if sigma.shape != (len(x),):
-            raise ValueError(f"sigma must be a scalar or have shape ({len(x)},), got {tuple(sigma.shape)}")
-        return sigma
-
     def _net(self, x: Tensor, sigma: Tensor, cond: Cond | None):
         c_skip, c_out, c_in = (append_dims(c, x.ndim).to(x.dtype) for c in self.scalings(sigma))
         out = self.net(x * c_in, self.c_noise(sigma).to(torch.float32), cond)
@@ -79,7 +81,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
         """x0_hat for a sigma-space input ``x = x0 + sigma n``."""
-        sigma = self._batch_sigma(x, sigma)
+        sigma = batch_sigma(x, sigma)
         out, c_skip, c_out = self._net(x, sigma, cond)
         return c_skip * x + c_out * out.to(x.dtype)
 
@@ -106,7 +108,7 @@ class Denoiser(nn.Module):
              weighting: str = "uniform", kind: str = "mse", min_snr_gamma: float = 5.0,
              huber_delta: float = 1.0) -> Tensor:
         """Per-sample training loss at ``x = x0 + sigma noise`` against this parametrisation's target."""
-        sigma = self._batch_sigma(x0, sigma)
+        sigma = batch_sigma(x0, sigma)
         x = x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * noise
         out, c_skip, c_out = self._net(x, sigma, cond)
         target = (x0 - c_skip * x) / c_out
