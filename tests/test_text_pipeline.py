@@ -91,3 +91,21 @@ def test_text_training_resumes_bit_exactly(tmp_path):
     for name in ("model", "ema"):
         a, b = (load_file(str(tmp_path / run / f"{name}.safetensors")) for run in ("straight", "resumed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_different_text_encoder_is_refused(text_run, tmp_path):
+    import json
+    import shutil
+
+    from difflab.train import TrainingError
+
+    run = tmp_path / "copy"
+    shutil.copytree(text_run, run)
+    record = json.loads((run / "text_encoder.json").read_text())
+    assert record["name"] == "all-MiniLM-L6-v2" and len(record["weights_sha256"]) == 64
+    record["weights_sha256"] = "0" * 64  # as if trained against other weights of the same width
+    (run / "text_encoder.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="text encoder"):
+        difflab.load(run)
+    with pytest.raises(TrainingError, match="text encoder"):
+        train(load_config(None, TINY_TEXT + [f"out={run}", "train.steps=5"]), resume=True, progress=False)

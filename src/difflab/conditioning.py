@@ -86,6 +86,25 @@ class TextConditioner:
     def unet_kwargs(self) -> dict:
         return {"context_dim": self.encoder.dim, "pooled_dim": self.encoder.pooled_dim}
 
+    def identity(self) -> dict:
+        """What the model was trained against: encoder name, folder, token limit and a weights hash."""
+        if not hasattr(self, "_identity"):
+            from .train.checkpoint import weights_sha256
+
+            self._identity = {"name": self.encoder.name, "path": str(getattr(self.encoder, "path", "")),
+                              "max_length": self.encoder.max_length,
+                              "weights_sha256": weights_sha256(self.encoder.model)}
+        return self._identity
+
+    def check_identity(self, recorded: dict, where) -> None:
+        """Refuse an encoder other than the one ``recorded`` in a run (same width, other weights)."""
+        mine = self.identity()
+        if (recorded["name"], recorded["weights_sha256"]) != (mine["name"], mine["weights_sha256"]):
+            raise ValueError(f"{where} was trained with the {recorded['name']} text encoder from "
+                             f"{recorded['path'] or 'its package'} (weights sha256 {recorded['weights_sha256'][:12]}...), "
+                             f"but {mine['name']} from {mine['path']} (sha256 {mine['weights_sha256'][:12]}...) was "
+                             f"loaded; point model.text_encoder_path or $DIFFLAB_CLIP_PATH at the original weights")
+
 
 def text_encoder_from_config(model_cfg):
     """The frozen encoder that ``model.text_encoder`` names (weights from a package or a local folder)."""

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from .files import save_npz
+from .train.checkpoint import weights_sha256
 from .metrics import (
     StreamingStats,
     frechet_distance,
@@ -160,16 +161,6 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def weights_sha256(module: torch.nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of a module's state dict, in key order."""
-    h = hashlib.sha256()
-    for key, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _train_step(pipe) -> int | None:
     from safetensors import safe_open
 
@@ -196,6 +187,7 @@ def sample_settings(pipe, *, shard_size: int = 1000, seed: int | None = None, gu
         "guidance": float(e.guidance if guidance is None else guidance),
         "guidance_rescale": float(e.guidance_rescale if guidance_rescale is None else guidance_rescale),
         "negative_prompt": e.negative_prompt if pipe.is_text else None,
+        "text_encoder_sha256": pipe.conditioner.identity()["weights_sha256"] if pipe.is_text else None,
         "seed": int(e.seed if seed is None else seed), "shard_size": int(shard_size)}
     sampler_info(settings["sampler"])  # an unknown sampler fails here, before any folder is made
     return settings

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .files import save_npz
 from .generate import generate
 from .train import build_denoiser, build_unet
 from .train import checkpoint as ckpt
-from .train.trainer import resolve_device
+from .train.trainer import TEXT_ENCODER_FILE, resolve_device
 
 
 class Pipeline:
@@ -100,6 +101,8 @@ def load(run, weights: str = "ema", device: str = "auto") -> Pipeline:
     with safe_open(str(path), "pt") as f:
         num_classes = f.get_slice("label_emb.weight").get_shape()[0] - 1 if "label_emb.weight" in f.keys() else None
     conditioner = conditioner_for(cfg, num_classes=num_classes, progress=False)
+    if isinstance(conditioner, TextConditioner) and (run / TEXT_ENCODER_FILE).exists():
+        conditioner.check_identity(json.loads((run / TEXT_ENCODER_FILE).read_text()), run)
     net = build_unet(cfg, conditioner)
     ckpt.load_weights(path, net)
     denoiser = build_denoiser(cfg, net).to(resolve_device(device))

@@ -7,6 +7,7 @@ Every file is written to a temporary name and renamed into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -29,6 +30,16 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a module's state dict, in key order."""
+    h = hashlib.sha256()
+    for key, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_weights(path: Path, module: torch.nn.Module, step: int) -> None:

@@ -30,6 +30,9 @@ from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from .ema import EMA, ema_decay
 
 
+TEXT_ENCODER_FILE = "text_encoder.json"  # which frozen encoder (and weights) a text model was trained against
+
+
 class TrainingError(RuntimeError):
     pass
 
@@ -139,6 +142,11 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
         ckpt.check_run(self.run)
+        if isinstance(self.conditioner, TextConditioner) and (self.run / TEXT_ENCODER_FILE).exists():
+            try:
+                self.conditioner.check_identity(json.loads((self.run / TEXT_ENCODER_FILE).read_text()), self.run)
+            except ValueError as err:
+                raise TrainingError(str(err)) from None
         state = ckpt.load_trainer_state(self.run)
         steps = {ckpt.load_weights(self.run / "model.safetensors", self.net),
                  ckpt.load_weights(self.run / "ema.safetensors", self.ema.model), state["step"]}
@@ -224,6 +232,8 @@ class Trainer:
         if self.dist.is_main:
             self.run.mkdir(parents=True, exist_ok=True)
             ckpt.write_text(self.run / "config.yaml", _yaml(cfg))
+            if isinstance(self.conditioner, TextConditioner):
+                ckpt.write_json(self.run / TEXT_ENCODER_FILE, self.conditioner.identity())
         self.start_time = time.time()
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
