@@ -101,9 +101,10 @@ class TextConditioner:
         mine = self.identity()
         if (recorded["name"], recorded["weights_sha256"]) != (mine["name"], mine["weights_sha256"]):
             raise ValueError(f"{where} was trained with the {recorded['name']} text encoder from "
-                             f"{recorded['path'] or 'its package'} (weights sha256 {recorded['weights_sha256'][:12]}...), "
-                             f"but {mine['name']} from {mine['path']} (sha256 {mine['weights_sha256'][:12]}...) was "
-                             f"loaded; point model.text_encoder_path or $DIFFLAB_CLIP_PATH at the original weights")
+                             f"{recorded['path'] or 'its package'} (weights sha256 "
+                             f"{recorded['weights_sha256'][:12]}...), but {mine['name']} from {mine['path']} "
+                             f"(sha256 {mine['weights_sha256'][:12]}...) was loaded; point "
+                             f"model.text_encoder_path or $DIFFLAB_CLIP_PATH at the original weights")
 
 
 def text_encoder_from_config(model_cfg):
