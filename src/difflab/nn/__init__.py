@@ -1,4 +1,5 @@
 """Networks: tensors in, tensors out. They know nothing of schedules, samplers or configs."""
 from .unet import UNet
+from .vae import AutoencoderKL, DiagonalGaussian
 
-__all__ = ["UNet"]
+__all__ = ["AutoencoderKL", "DiagonalGaussian", "UNet"]
