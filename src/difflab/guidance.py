@@ -107,10 +107,10 @@ class SafeGuidance:
 class GuidanceInterval:
     """Use ``guided`` for noise levels in [sigma_lo, sigma_hi] and ``plain`` elsewhere.
 
-    Guidance matters most in a band of noise levels (Kynkäänniemi et al. 2024, "Applying
-    Guidance in a Limited Interval Improves Sample and Distribution Quality"): coarse
-    attributes such as colour are settled at high sigma, outlines later, so a steering term
-    that is useful early can only damage detail late. Both are Denoisers over the same model.
+    Guidance helps in some band of noise levels and can hurt outside it (Kynkäänniemi et al. 2024,
+    "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality"); which
+    band is a matter of measurement for each model and kind of guidance. Both are Denoisers over
+    the same model.
     """
 
     def __init__(self, guided, plain, sigma_lo: float = 0.0, sigma_hi: float = float("inf")):
