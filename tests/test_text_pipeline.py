@@ -109,3 +109,18 @@ def test_a_different_text_encoder_is_refused(text_run, tmp_path):
         difflab.load(run)
     with pytest.raises(TrainingError, match="text encoder"):
         train(load_config(None, TINY_TEXT + [f"out={run}", "train.steps=5"]), resume=True, progress=False)
+
+
+def test_encode_runs_each_distinct_prompt_once_with_the_same_result(text_run):
+    c = difflab.load(text_run).conditioner
+    prompts = ["a red circle", "a small blue square on the left", "a red circle"]
+    calls = []
+    encoder = c.encoder
+    c.encoder = lambda captions: calls.append(list(captions)) or encoder(captions)
+    got = c.encode(prompts)
+    c.encoder = encoder
+    direct = encoder(prompts)
+    assert calls == [["a red circle", "a small blue square on the left"]]
+    torch.testing.assert_close(got.context, direct.tokens)
+    assert torch.equal(got.context_mask, direct.mask)
+    torch.testing.assert_close(got.pooled, direct.pooled)

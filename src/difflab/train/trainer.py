@@ -174,13 +174,13 @@ class Trainer:
         torch.manual_seed((t.seed * 1_000_003 + self.step) * 4096 + self.dist.rank)  # dropout, per rank
         rows = slice(self.dist.rank * self.micro * t.grad_accum, (self.dist.rank + 1) * self.micro * t.grad_accum)
         x0, sigma, noise = x0[rows].to(self.device), sigma[rows].to(self.device), noise[rows].to(self.device)
-        labels = labels[rows].to(self.device) if labels is not None else None
+        labels = labels[rows] if labels is not None else None  # stay on the CPU: they index the CPU tables
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for j in range(t.grad_accum):
             mb = slice(j * self.micro, (j + 1) * self.micro)
-            cond = self.conditioner.cond(labels[mb]) if labels is not None else None
+            cond = self.conditioner.cond(labels[mb]).to(self.device) if labels is not None else None
             sync = self.dist.enabled and j < t.grad_accum - 1
             with (self.train_denoiser.net.no_sync() if sync else nullcontext()), _autocast(self.device, t.precision):
                 loss = self.train_denoiser.loss(x0[mb], sigma[mb], noise[mb], cond, weighting=cfg.diffusion.weighting,
