@@ -8,14 +8,19 @@ from pathlib import Path
 DEFAULT_CONFIG = "digits (built-in defaults)"
 
 
-def _train(args) -> None:
+def _config(args):
     from .config import load_config
-    from .train import train
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # `difflab train key=value` without a config file
         config, overrides = None, [config] + overrides
-    cfg = load_config(config, overrides)
+    return load_config(config, overrides)
+
+
+def _train(args) -> None:
+    from .train import train
+
+    cfg = _config(args)
     run = train(cfg, resume=args.resume, progress=not args.quiet)
     import torch.distributed as dist
 
@@ -27,6 +32,25 @@ def _train(args) -> None:
     print(f"run folder: {run}")
     if not args.no_eval and cfg.data.dataset in ("digits", "shapes") and cfg.data.conditional:
         _print_eval(run, progress=not args.quiet)
+
+
+def _train_vae(args) -> None:
+    from .train import evaluate_vae, train_vae
+
+    run = train_vae(_config(args), resume=args.resume, progress=not args.quiet)
+    print(f"run folder: {run}")
+    if not args.no_eval:
+        m = evaluate_vae(run)
+        ssim = f", SSIM {m['ssim']:.4f}" if "ssim" in m else ""
+        print(f"reconstruction of {m['n']} {m['split']} images: PSNR {m['psnr_db']:.2f} dB{ssim}; "
+              f"latent scaling factor {m['scaling_factor']:.4f}")
+        print(f"metrics written to {Path(run) / 'metrics.json'}")
+
+
+def _memory(args) -> None:
+    from .memory import format_plan, plan
+
+    print(format_plan(plan(_config(args), args.batch_size, device=args.device)))
 
 
 def _print_eval(run, **kw) -> None:
@@ -96,13 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflab", description="Diffusion models: train, sample, evaluate.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def config_args(parser):
+        parser.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG})")
+        parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500 model.channels=64")
+
+    def train_args(parser):
+        config_args(parser)
+        parser.add_argument("--resume", action="store_true", help="continue the run in the config's out folder")
+        parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
     t = sub.add_parser("train", help="train a model (default: class-conditional digits), then evaluate it")
-    t.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG})")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500 model.channels=64")
-    t.add_argument("--resume", action="store_true", help="continue the run in the config's out folder")
-    t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    train_args(t)
     t.set_defaults(func=_train)
+
+    v = sub.add_parser("train-vae", help="train the autoencoder of latent diffusion (config section vae), "
+                                         "then report its held-out reconstruction PSNR")
+    train_args(v)
+    v.set_defaults(func=_train_vae)
+
+    m = sub.add_parser("memory", help="predict peak memory of training (fp32/bf16, checkpointing off/on) and "
+                                      "sampling for a config, before running it")
+    config_args(m)
+    m.add_argument("--batch-size", type=int, default=None, help="training batch (default: train.batch_size)")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: the config's train.device)")
+    m.set_defaults(func=_memory)
 
     s = sub.add_parser("sample", help="draw samples from a run into a PNG grid and an .npz")
     s.add_argument("--run", required=True)

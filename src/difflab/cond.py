@@ -56,6 +56,20 @@ class Cond:
             raise ValueError(f"cannot expand a Cond of {len(self)} rows to {batch} rows (give 1 row or {batch})")
         return self._map(lambda t: t.expand(batch, *t.shape[1:]) if len(t) == 1 else t)
 
+    def trim_padding(self) -> "Cond":
+        """Drop the trailing token positions that no row attends to (keeping at least one).
+
+        A table of embeddings is padded to its longest caption; a batch drawn from it rarely
+        holds that caption, and masked positions cost cross-attention compute for nothing.
+        The network's output is unchanged (padding has zero attention weight)."""
+        if self.context_mask is None:
+            return self
+        used = self.context_mask.any(0).nonzero()
+        length = max(int(used.max()) + 1 if len(used) else 0, 1)
+        if length == self.context_mask.shape[1]:
+            return self
+        return replace(self, context=self.context[:, :length], context_mask=self.context_mask[:, :length])
+
     def to(self, device) -> "Cond":
         return self._map(lambda t: t.to(device))
 

@@ -59,7 +59,8 @@ class TextConditioner:
         return torch.tensor([self.index[c] for c in captions], dtype=torch.int64)
 
     def cond(self, index: Tensor) -> Cond:
-        return Cond.from_text(self.table[index.cpu()]).to(index.device)
+        """The table's rows ``index``, cut to the longest of their captions."""
+        return Cond.from_text(self.table[index.cpu()]).trim_padding().to(index.device)
 
     def null(self) -> Cond:
         return self.cond(torch.tensor([self.null_index]))

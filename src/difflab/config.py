@@ -36,6 +36,22 @@ class ModelConfig:
     text_encoder_path: str = ""  # clip: a local folder (or $DIFFLAB_CLIP_PATH); minilm ships with its package
     text_max_length: int = 32
     transformer_depth: int = 1   # TransformerBlocks per cross-attention level (text models)
+    checkpointing: bool = False  # gradient checkpointing: recompute block activations in backward
+    vae: str = ""                # latent diffusion: the run folder of a VAE trained by `difflab train-vae`
+
+
+@dataclass
+class VAEConfig:
+    """The autoencoder that `difflab train-vae` trains (``difflab.nn.AutoencoderKL``)."""
+    channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # downsampling 2^(len - 1)
+    num_res_blocks: int = 1
+    latent_channels: int = 4
+    groups: int = 8
+    mid_attn: bool = True
+    checkpointing: bool = False
+    loss: str = choice("l1", "l1", "mse")
+    beta: float = 1e-6        # KL weight (reconstruction is a per-pixel mean; see vae_loss)
 
 
 @dataclass
@@ -104,6 +120,7 @@ class EvalConfig:
 class Config:
     out: str = "runs/digits"
     model: ModelConfig = field(default_factory=ModelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -202,7 +219,14 @@ def validate(cfg: Config) -> Config:
     elif m.text_encoder:
         raise ConfigError(f"model.text_encoder={m.text_encoder!r} needs captioned data (data.dataset=shapes), "
                           f"got data.dataset={d.dataset}")
-    if d.image_size % 2 ** (len(m.channel_mult) - 1):
+    v = cfg.vae
+    if v.latent_channels < 1 or v.channels < 1 or not v.channel_mult or any(k < 1 for k in v.channel_mult):
+        raise ConfigError("vae.channels, vae.latent_channels and vae.channel_mult must be positive, "
+                          f"got {v.channels}, {v.latent_channels}, {v.channel_mult}")
+    if any(v.channels * k % v.groups for k in v.channel_mult):
+        raise ConfigError(f"config key 'vae.groups' ({v.groups}) must divide every VAE level width "
+                          f"{[v.channels * k for k in v.channel_mult]}")
+    if d.image_size % 2 ** (len(m.channel_mult) - 1) and not m.vae:
         raise ConfigError(f"data.image_size ({d.image_size}) must be divisible by the U-Net's downsampling "
                           f"factor 2^(len(model.channel_mult) - 1) = {2 ** (len(m.channel_mult) - 1)}")
     return cfg

@@ -188,6 +188,7 @@ def sample_settings(pipe, *, shard_size: int = 1000, seed: int | None = None, gu
         "guidance_rescale": float(e.guidance_rescale if guidance_rescale is None else guidance_rescale),
         "negative_prompt": e.negative_prompt if pipe.is_text else None,
         "text_encoder_sha256": pipe.conditioner.identity()["weights_sha256"] if pipe.is_text else None,
+        "vae_sha256": weights_sha256(pipe.vae) if pipe.vae is not None else None,
         "seed": int(e.seed if seed is None else seed), "shard_size": int(shard_size)}
     sampler_info(settings["sampler"])  # an unknown sampler fails here, before any folder is made
     return settings

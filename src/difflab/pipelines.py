@@ -18,17 +18,22 @@ from .config import Config, config_from_dict
 from .files import save_npz
 from .generate import generate
 from .train import build_denoiser, build_unet
+from .train.build import data_shape
 from .train import checkpoint as ckpt
 from .train.trainer import TEXT_ENCODER_FILE, resolve_device
 
 
 class Pipeline:
-    """A trained denoiser (EMA weights by default) with its config and conditioner."""
+    """A trained denoiser (EMA weights by default) with its config and conditioner, and for a latent
+    model the VAE whose latents it generates (decoded, scaling undone, before they are returned)."""
 
-    def __init__(self, cfg: Config, denoiser, conditioner=None, run: Path | None = None):
+    def __init__(self, cfg: Config, denoiser, conditioner=None, run: Path | None = None, vae=None):
         if isinstance(conditioner, int):  # the earlier signature took num_classes
             conditioner = ClassConditioner(conditioner)
         self.cfg, self.denoiser, self.conditioner, self.run = cfg, denoiser.eval(), conditioner, run
+        self.vae = vae
+        if (vae is None) != (not cfg.model.vae):
+            raise ValueError(f"model.vae={cfg.model.vae!r}: a latent model needs its VAE and a pixel model none")
 
     @property
     def num_classes(self) -> int | None:
@@ -40,8 +45,23 @@ class Pipeline:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) of the images the pipeline returns."""
         d = self.cfg.data
         return (d.channels, d.image_size, d.image_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) the denoiser generates: the images, or their VAE latents."""
+        return data_shape(self.cfg)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Images from generated latents, in slices of ``batch_size`` (bounded decoder memory)."""
+        if self.vae is None:
+            return z
+        device = self.vae.scaling_factor.device
+        return torch.cat([self.vae.from_latent(z[i:i + batch_size].to(device)).cpu()
+                          for i in range(0, len(z), batch_size)])
 
     def conds(self, n: int, labels=None, prompt=None, negative_prompt: str | None = None):
         """(cond, null_cond) for ``n`` samples: class labels (cycling through the classes by
@@ -82,13 +102,13 @@ class Pipeline:
             raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r} (pass the count as n=...)")
         e = self.cfg.eval
         cond, null = self.conds(n, labels, prompt, negative_prompt)
-        x = generate(self.denoiser, self.shape, n, cond=cond, null_cond=null,
+        x = generate(self.denoiser, self.latent_shape, n, cond=cond, null_cond=null,
                      sampler=sampler or e.sampler, steps=steps or e.steps, spacing=spacing or e.spacing,
                      guidance=e.guidance if guidance is None else guidance,
                      guidance_rescale=e.guidance_rescale if guidance_rescale is None else guidance_rescale,
                      guide=guide, seed=seed, first_index=first_index, batch_size=batch_size, progress=progress,
                      **sampler_kwargs)
-        return x.clamp(-1, 1)
+        return self.decode(x, batch_size).clamp(-1, 1)
 
 
 def load(run, weights: str = "ema", device: str = "auto") -> Pipeline:
@@ -103,10 +123,17 @@ def load(run, weights: str = "ema", device: str = "auto") -> Pipeline:
     conditioner = conditioner_for(cfg, num_classes=num_classes, progress=False)
     if isinstance(conditioner, TextConditioner) and (run / TEXT_ENCODER_FILE).exists():
         conditioner.check_identity(json.loads((run / TEXT_ENCODER_FILE).read_text()), run)
+    vae = None
+    if cfg.model.vae:
+        from .latents import VAE_FILE, check_vae, load_vae, vae_identity
+
+        vae = load_vae(cfg.model.vae, resolve_device(device))
+        if (run / VAE_FILE).exists():
+            check_vae(json.loads((run / VAE_FILE).read_text()), vae_identity(vae, cfg.model.vae), run)
     net = build_unet(cfg, conditioner)
     ckpt.load_weights(path, net)
     denoiser = build_denoiser(cfg, net).to(resolve_device(device))
-    return Pipeline(cfg, denoiser, conditioner, run)
+    return Pipeline(cfg, denoiser, conditioner, run, vae)
 
 
 def save_samples(images: torch.Tensor, out: Path, labels=None, nrow: int = 8) -> list[Path]:

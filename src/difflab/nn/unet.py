@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cond import Cond
 
@@ -190,6 +191,9 @@ class UNet(nn.Module):
             that cross-attend to ``cond.context`` of this width (text conditioning).
         pooled_dim: if set, ``cond.pooled`` is projected and added to the noise embedding.
         transformer_depth: TransformerBlocks per SpatialTransformer.
+        checkpointing: in training, recompute each block's activations in backward instead of
+            keeping them (``torch.utils.checkpoint``, non-reentrant; Chen et al. 2016): less
+            activation memory for about one more forward pass of compute.
         scale_shift: inject the time embedding as GroupNorm scale-shift (ADM) instead of adding it.
         dims: 1, 2 or 3 spatial dimensions.
     """
@@ -199,11 +203,12 @@ class UNet(nn.Module):
                  attn_levels: Sequence[int] = (1,), mid_attn: bool = True, head_dim: int = 32,
                  num_classes: int | None = None, dropout: float = 0.0, groups: int = 32,
                  scale_shift: bool = True, dims: int = 2, context_dim: int | None = None,
-                 pooled_dim: int | None = None, transformer_depth: int = 1):
+                 pooled_dim: int | None = None, transformer_depth: int = 1, checkpointing: bool = False):
         super().__init__()
         if dims not in CONV:
             raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
         self.in_channels, self.dims, self.num_classes = in_channels, dims, num_classes
+        self.checkpointing = checkpointing
         self.downsampling = 2 ** (len(channel_mult) - 1)
         out_channels = out_channels or in_channels
         emb_dim = 4 * channels
@@ -268,13 +273,28 @@ class UNet(nn.Module):
                 raise ValueError("this UNet takes a pooled text embedding: pass Cond(pooled=...)")
             emb = emb + self.pooled_proj(cond.pooled.to(emb.dtype))
         emb = F.silu(emb)
+        run = block_runner(self, self.checkpointing)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h, emb, cond) if isinstance(layer, Block) else layer(h)
+            h = run(layer, h, emb, cond) if isinstance(layer, Block) else layer(h)
             hs.append(h)
         for layer in self.mid:
-            h = layer(h, emb, cond)
+            h = run(layer, h, emb, cond)
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], 1), emb, cond) if isinstance(layer, Block) else layer(h)
+            h = run(layer, torch.cat([h, hs.pop()], 1), emb, cond) if isinstance(layer, Block) else layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def block_runner(model: nn.Module, checkpointing: bool):
+    """``run(block, *args)``: through ``torch.utils.checkpoint`` when ``checkpointing`` and a backward
+    will follow (training with grad enabled); in eval or under no_grad it would only cost time."""
+    return _checkpointed if checkpointing and model.training and torch.is_grad_enabled() else _direct
+
+
+def _direct(block: nn.Module, *args) -> Tensor:
+    return block(*args)
+
+
+def _checkpointed(block: nn.Module, *args) -> Tensor:
+    return checkpoint(block, *args, use_reentrant=False)

@@ -18,9 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
-
-from .unet import Downsample, SelfAttention, Upsample
+from .unet import Downsample, SelfAttention, Upsample, block_runner
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clamp: keeps exp(logvar) finite in float32 at init and in training
 
@@ -42,10 +40,14 @@ class DiagonalGaussian:
     def std(self) -> Tensor:
         return (0.5 * self.logvar).exp()
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """Reparameterised sample mean + std * eps (Kingma & Welling 2014, Sec. 2.4); gradients reach both."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+    def sample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Reparameterised sample mean + std * eps (Kingma & Welling 2014, Sec. 2.4); gradients reach both.
+        ``noise`` is eps (else drawn from ``generator``)."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        elif noise.shape != self.mean.shape:
+            raise ValueError(f"noise must have the latent shape {tuple(self.mean.shape)}, got {tuple(noise.shape)}")
+        return self.mean + self.std * noise
 
     def mode(self) -> Tensor:
         return self.mean
@@ -91,12 +93,13 @@ class AutoencoderKL(nn.Module):
         checkpointing: in training, recompute each block's activations in backward
             (``torch.utils.checkpoint``, non-reentrant) to trade compute for memory.
         scaling_factor: multiplies latents before diffusion; a persistent buffer so it is saved
-            with the weights. Set it with ``estimate_scaling_factor``.
+            with the weights. None (NaN) until set, e.g. by ``estimate_scaling_factor``: ``to_latent``
+            and ``from_latent`` refuse to run without it rather than silently use 1.
     """
 
     def __init__(self, in_channels: int = 3, latent_channels: int = 4, channels: int = 64,
                  channel_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, groups: int = 32,
-                 mid_attn: bool = True, checkpointing: bool = False, scaling_factor: float = 1.0):
+                 mid_attn: bool = True, checkpointing: bool = False, scaling_factor: float | None = None):
         super().__init__()
         if not channel_mult:
             raise ValueError("channel_mult must name at least one level, got an empty sequence")
@@ -106,7 +109,8 @@ class AutoencoderKL(nn.Module):
         self.in_channels, self.latent_channels = in_channels, latent_channels
         self.downsampling = 2 ** (len(channel_mult) - 1)
         self.checkpointing = checkpointing
-        self.register_buffer("scaling_factor", torch.tensor(float(scaling_factor)), persistent=True)
+        factor = float("nan") if scaling_factor is None else float(scaling_factor)
+        self.register_buffer("scaling_factor", torch.tensor(factor), persistent=True)
 
         self.enc_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.encoder = nn.ModuleList()
@@ -135,10 +139,9 @@ class AutoencoderKL(nn.Module):
         self.dec_out = nn.Conv2d(c, in_channels, 3, padding=1)
 
     def _run(self, blocks: nn.ModuleList, h: Tensor) -> Tensor:
-        # Checkpoint only when a backward will follow: in eval or no_grad it would only cost time.
-        use_ckpt = self.checkpointing and self.training and torch.is_grad_enabled()
+        run = block_runner(self, self.checkpointing)
         for block in blocks:
-            h = checkpoint(block, h, use_reentrant=False) if use_ckpt else block(h)
+            h = run(block, h)
         return h
 
     def check_input(self, x: Tensor) -> None:
@@ -163,12 +166,27 @@ class AutoencoderKL(nn.Module):
         h = self._run(self.decoder, self.dec_in(self.post_quant_conv(z)))
         return self.dec_out(F.silu(self.dec_norm(h)))
 
-    def forward(self, x: Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruct x through a posterior sample (training) or its mode (``sample=False``)."""
+    def forward(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        """Reconstruct x through a posterior sample (training; ``noise`` is its N(0, I) draw, else drawn
+        from ``generator``) or its mode (``sample=False``)."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
+        z = posterior.sample(generator, noise) if sample else posterior.mode()
         return self.decode(z), posterior
+
+    def to_latent(self, x: Tensor) -> Tensor:
+        """The diffusion model's latent of images ``x``: posterior mean times ``scaling_factor``."""
+        return self.encode(x).mean * self._checked_scaling()
+
+    def from_latent(self, z: Tensor) -> Tensor:
+        """Images from the diffusion model's latents: undo ``scaling_factor``, then decode."""
+        return self.decode(z / self._checked_scaling())
+
+    def _checked_scaling(self) -> Tensor:
+        if not torch.isfinite(self.scaling_factor):
+            raise ValueError("this AutoencoderKL has no latent scaling factor: call estimate_scaling_factor(images) "
+                             "or pass scaling_factor=... (diffusion on unscaled latents would be silently wrong)")
+        return self.scaling_factor
 
     @torch.no_grad()
     def estimate_scaling_factor(self, images: Tensor, batch_size: int = 64) -> float:

@@ -1,19 +1,43 @@
 """Config -> network, schedule and denoiser (shared by the trainer and the pipelines)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from .. import denoisers, schedules
-from ..config import Config
+from ..config import Config, config_from_dict
 from ..nn import UNet
+
+
+def vae_config(run) -> Config:
+    """The config of the VAE run folder ``run`` (``model.vae`` of a latent model)."""
+    from .checkpoint import check_run, read_config_dict
+
+    return config_from_dict(read_config_dict(check_run(Path(run), need_weights=False)))
+
+
+def data_shape(cfg: Config) -> tuple[int, int, int]:
+    """One training example as the U-Net sees it: (C, H, W) pixels, or latents of ``model.vae``."""
+    d = cfg.data
+    if not cfg.model.vae:
+        return (d.channels, d.image_size, d.image_size)
+    v = vae_config(cfg.model.vae).vae
+    f = 2 ** (len(v.channel_mult) - 1)
+    if d.image_size % f:
+        raise ValueError(f"data.image_size ({d.image_size}) must be divisible by the VAE's downsampling factor {f}")
+    return (v.latent_channels, d.image_size // f, d.image_size // f)
 
 
 def build_unet(cfg: Config, conditioner=None) -> UNet:
     """The U-Net of ``cfg``; ``conditioner`` (``difflab.conditioning``) adds a label embedding or
     cross-attention to text, or None for an unconditional model."""
     m = cfg.model
-    return UNet(in_channels=cfg.data.channels, channels=m.channels, channel_mult=tuple(m.channel_mult),
+    return UNet(in_channels=data_shape(cfg)[0], channels=m.channels, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attn_levels=tuple(m.attn_levels), mid_attn=m.mid_attn,
                 head_dim=m.head_dim, dropout=m.dropout, groups=m.groups, scale_shift=m.scale_shift,
-                transformer_depth=m.transformer_depth, **(conditioner.unet_kwargs() if conditioner else {}))
+                transformer_depth=m.transformer_depth, checkpointing=m.checkpointing,
+                **(conditioner.unet_kwargs() if conditioner else {}))
 
 
 def build_schedule(cfg: Config) -> schedules.NoiseSchedule:
@@ -24,3 +48,14 @@ def build_schedule(cfg: Config) -> schedules.NoiseSchedule:
 def build_denoiser(cfg: Config, net) -> denoisers.Denoiser:
     d = cfg.diffusion
     return denoisers.build(d.parametrization, net, build_schedule(cfg), d.sigma_data)
+
+
+def adamw(net: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019), fused into one kernel per step where torch has one.
+
+    On the CPU torch otherwise runs a Python loop over the tensors: 12.2 ms a step for the 310
+    tensors of the 2M-parameter shapes U-Net, against 2.7 ms fused (2 threads).
+    """
+    params = list(net.parameters())
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)

@@ -8,6 +8,7 @@ or splitting the batch over ranks gives the same updates.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from ..config import Config
 from ..data import load_data
 from ..generate import generate
 from . import checkpoint as ckpt
-from .build import build_denoiser, build_unet
+from .build import adamw, build_denoiser, build_unet
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from .ema import EMA, ema_decay
 
@@ -105,7 +106,12 @@ def _autocast(device: torch.device, precision: str):
 
 
 class Trainer:
-    """Owns the model, EMA, optimizer and run folder of one training job."""
+    """Owns the model, EMA, optimizer and run folder of one training job (a diffusion model).
+
+    The loop, checkpoints and resume are shared with other trainers (``VAETrainer``), which name
+    their network (``build``), the step's global batch (``global_batch``, ``rank_batch``), the loss
+    (``loss``) and the records that pin what the model depends on (``records``).
+    """
 
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -118,35 +124,106 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.micro = _check_batch(cfg, self.dist)
         self.run = Path(cfg.out)
+        self.resuming = resume
+        if resume:
+            ckpt.check_run(self.run)
+        elif (self.run / "trainer_state.pt").exists():
+            raise TrainingError(f"{self.run} already holds a run; pass --resume to continue it "
+                                "or choose another folder with out=...")
         self.data = load_data(cfg.data, "train")
-        self.conditioner = conditioner_for(cfg, self.data, progress=progress and self.dist.is_main)
-        self.labels = (self.conditioner.labels(self.data.captions) if isinstance(self.conditioner, TextConditioner)
-                       else self.data.labels)
         torch.manual_seed(cfg.train.seed)
-        self.net = build_unet(cfg, self.conditioner).to(self.device)
+        self.net = self.build().to(self.device)
         self.ema = EMA(self.net)
-        train_net = DistributedDataParallel(self.net) if self.dist.enabled else self.net
-        self.train_denoiser = build_denoiser(cfg, train_net)
-        self.schedule = self.train_denoiser.schedule
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.train_net = DistributedDataParallel(self.net) if self.dist.enabled else self.net
+        self.opt = adamw(self.net, cfg.train.lr, cfg.train.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
         self.step = 0
         self.seconds = 0.0  # training wall time of earlier sessions of this run
         self.last_checkpoint = None
         if resume:
             self._resume()
-        elif (self.run / "trainer_state.pt").exists():
-            raise TrainingError(f"{self.run} already holds a run; pass --resume to continue it "
-                                "or choose another folder with out=...")
+
+    # ------------------------------------------------------- what is trained
+    def build(self) -> torch.nn.Module:
+        """The U-Net, after setting up latents (``model.vae``) and conditioning (labels or text)."""
+        self.vae = None
+        if self.cfg.model.vae:
+            from ..latents import VAE_FILE, latent_data, load_vae, vae_identity
+
+            self.vae = load_vae(self.cfg.model.vae, self.device)
+            if self.resuming:  # refuse another VAE before encoding the data with it
+                self.check_record(VAE_FILE, vae_identity(self.vae, self.cfg.model.vae))
+            self.data = latent_data(self.vae, self.cfg, self.data, self.run,
+                                    progress=self.progress and self.dist.is_main)
+        self.conditioner = conditioner_for(self.cfg, self.data, progress=self.progress and self.dist.is_main)
+        self.labels = (self.conditioner.labels(self.data.captions) if isinstance(self.conditioner, TextConditioner)
+                       else self.data.labels)
+        return build_unet(self.cfg, self.conditioner)
+
+    @functools.cached_property
+    def train_denoiser(self):
+        return build_denoiser(self.cfg, self.train_net)
+
+    @property
+    def schedule(self):
+        return self.train_denoiser.schedule
+
+    def records(self) -> dict[str, dict]:
+        """Run files that pin what the model was trained against: written at the start, checked on resume."""
+        out = {}
+        if isinstance(self.conditioner, TextConditioner):
+            out[TEXT_ENCODER_FILE] = self.conditioner.identity()
+        if self.vae is not None:
+            from ..latents import VAE_FILE, vae_identity
+
+            out[VAE_FILE] = vae_identity(self.vae, self.cfg.model.vae)
+        return out
+
+    def check_record(self, name: str, mine: dict) -> None:
+        """Refuse to resume against another text encoder or VAE than the run recorded in ``name``."""
+        from ..latents import VAE_FILE, check_vae
+
+        path = self.run / name
+        if not path.exists():
+            return
+        recorded = json.loads(path.read_text())
+        try:
+            if name == TEXT_ENCODER_FILE:
+                self.conditioner.check_identity(recorded, self.run)
+            elif name == VAE_FILE:
+                check_vae(recorded, mine, self.run)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+
+    def global_batch(self) -> tuple:
+        null = self.conditioner.null_index if self.conditioner else None
+        return global_batch(self.data.images, self.labels, null, self.cfg, self.step, self.schedule)
+
+    def rank_batch(self) -> tuple:
+        """This rank's rows of the global batch, on the device (labels stay on the CPU: they index CPU tables)."""
+        x0, sigma, noise, labels = self.global_batch()
+        labels = labels[self.rows] if labels is not None else None
+        return self.to_rank(x0), self.to_rank(sigma), self.to_rank(noise), labels
+
+    def loss(self, batch: tuple, mb: slice) -> Tensor:
+        x0, sigma, noise, labels = batch
+        cond = self.conditioner.cond(labels[mb]).to(self.device) if labels is not None else None
+        d = self.cfg.diffusion
+        return self.train_denoiser.loss(x0[mb], sigma[mb], noise[mb], cond, weighting=d.weighting, kind=d.loss,
+                                        min_snr_gamma=d.min_snr_gamma).mean()
+
+    @property
+    def rows(self) -> slice:
+        n = self.micro * self.cfg.train.grad_accum
+        return slice(self.dist.rank * n, (self.dist.rank + 1) * n)
+
+    def to_rank(self, t: Tensor) -> Tensor:
+        return t[self.rows].to(self.device)
 
     # ------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
-        ckpt.check_run(self.run)
-        if isinstance(self.conditioner, TextConditioner) and (self.run / TEXT_ENCODER_FILE).exists():
-            try:
-                self.conditioner.check_identity(json.loads((self.run / TEXT_ENCODER_FILE).read_text()), self.run)
-            except ValueError as err:
-                raise TrainingError(str(err)) from None
+        for name, mine in self.records().items():
+            self.check_record(name, mine)
         state = ckpt.load_trainer_state(self.run)
         steps = {ckpt.load_weights(self.run / "model.safetensors", self.net),
                  ckpt.load_weights(self.run / "ema.safetensors", self.ema.model), state["step"]}
@@ -169,23 +246,16 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        null = self.conditioner.null_index if self.conditioner else None
-        x0, sigma, noise, labels = global_batch(self.data.images, self.labels, null, cfg, self.step, self.schedule)
+        batch = self.rank_batch()
         torch.manual_seed((t.seed * 1_000_003 + self.step) * 4096 + self.dist.rank)  # dropout, per rank
-        rows = slice(self.dist.rank * self.micro * t.grad_accum, (self.dist.rank + 1) * self.micro * t.grad_accum)
-        x0, sigma, noise = x0[rows].to(self.device), sigma[rows].to(self.device), noise[rows].to(self.device)
-        labels = labels[rows] if labels is not None else None  # stay on the CPU: they index the CPU tables
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for j in range(t.grad_accum):
             mb = slice(j * self.micro, (j + 1) * self.micro)
-            cond = self.conditioner.cond(labels[mb]).to(self.device) if labels is not None else None
             sync = self.dist.enabled and j < t.grad_accum - 1
-            with (self.train_denoiser.net.no_sync() if sync else nullcontext()), _autocast(self.device, t.precision):
-                loss = self.train_denoiser.loss(x0[mb], sigma[mb], noise[mb], cond, weighting=cfg.diffusion.weighting,
-                                                kind=cfg.diffusion.loss,
-                                                min_snr_gamma=cfg.diffusion.min_snr_gamma).mean() / t.grad_accum
+            with (self.train_net.no_sync() if sync else nullcontext()), _autocast(self.device, t.precision):
+                loss = self.loss(batch, mb) / t.grad_accum
             self.scaler.scale(loss).backward()
             total += loss.detach()
         total = mean_across_ranks(total, self.dist)
@@ -207,8 +277,6 @@ class Trainer:
     def sample_grid(self) -> None:
         from ..images import save_grid
 
-        if not self.dist.is_main:
-            return
         ema_denoiser = build_denoiser(self.cfg, self.ema.model)
         c, nrow, cond, null = self.conditioner, 8, None, None
         if isinstance(c, TextConditioner):  # one row per shape, one column per colour
@@ -225,15 +293,21 @@ class Trainer:
         e = self.cfg.eval
         x = generate(ema_denoiser, self.data.images.shape[1:], n, cond=cond, null_cond=null, sampler=e.sampler,
                      steps=min(e.steps, 25), spacing=e.spacing, guidance=e.guidance, seed=e.seed, progress=False)
+        if self.vae is not None:
+            with torch.no_grad():
+                x = self.vae.from_latent(x.to(self.device)).cpu()
         save_grid(x, self.run / "samples" / f"step_{self.step:07d}.png", nrow=nrow)
+
+    def finish(self) -> None:
+        """After the last step (also when a finished run is resumed); the VAE trainer estimates its scaling here."""
 
     def fit(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
         if self.dist.is_main:
             self.run.mkdir(parents=True, exist_ok=True)
             ckpt.write_text(self.run / "config.yaml", _yaml(cfg))
-            if isinstance(self.conditioner, TextConditioner):
-                ckpt.write_json(self.run / TEXT_ENCODER_FILE, self.conditioner.identity())
+            for name, record in self.records().items():
+                ckpt.write_json(self.run / name, record)
         self.start_time = time.time()
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
@@ -250,12 +324,13 @@ class Trainer:
                         log.flush()
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save()
-                if t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
+                if t.sample_every and self.dist.is_main and (self.step % t.sample_every == 0 or self.step == t.steps):
                     self.sample_grid()
         finally:
             bar.close()
             if log:
                 log.close()
+        self.finish()
         return self.run
 
 
