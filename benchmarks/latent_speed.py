@@ -1,0 +1,115 @@
+"""Training-step time of latent vs pixel diffusion at equal U-Net width (issue: latent diffusion).
+
+Three text-conditional U-Nets with the widths, blocks and attention of ``configs/shapes-text.yaml``:
+  - latent 8x8x4: the model of ``configs/shapes-latent.yaml`` (VAE latents of 32x32 images);
+  - pixel 16x16x3: the pixel model of the conditioning issue (``configs/shapes-text.yaml``);
+  - pixel 32x32x3: a pixel model for the latent model's output resolution.
+Each step is what the trainer does: look up the text condition of 96 captions of the shapes world
+in the MiniLM embedding table (10% dropped to the empty prompt, padding cut to the batch's longest
+caption), EDM loss on random data of the model's shape, backward, gradient clipping, the trainer's fused AdamW. The
+latents are cached before training, so the latent step does not run the VAE. Models are timed
+round-robin, ``--steps`` steps each per round, for ``--rounds`` rounds; the table gives the median
+seconds per step.
+
+    python benchmarks/latent_speed.py [--rounds 5] [--steps 5] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table, write_results  # noqa: E402
+
+from difflab.config import load_config  # noqa: E402
+from difflab.train.build import adamw, build_denoiser  # noqa: E402
+from difflab.train.trainer import batch_indices  # noqa: E402
+from difflab.nn import UNet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [("latent 8x8x4 (32x32 images)", 4, 8), ("pixel 16x16x3 (conditioning issue)", 3, 16),
+         ("pixel 32x32x3 (same output size)", 3, 32)]
+
+
+def text_conditions(cfg):
+    """The trainer's text conditioner for the shapes captions and a function giving step k's labels."""
+    from difflab.conditioning import conditioner_for
+    from difflab.data import load_shapes_data
+
+    data = load_shapes_data(cfg.data)
+    conditioner = conditioner_for(cfg, data)
+    labels = conditioner.labels(data.captions)
+    t = cfg.train
+
+    def batch_labels(k: int, batch: int):
+        g = torch.Generator().manual_seed(k)
+        rows = labels[batch_indices(k, batch, len(labels), t.seed)]
+        return torch.where(torch.rand(batch, generator=g) < t.label_dropout, conditioner.null_index, rows)
+
+    return conditioner, batch_labels
+
+
+def make_step(cfg, channels: int, size: int, batch: int, conditioner, batch_labels):
+    m = cfg.model
+    torch.manual_seed(0)
+    net = UNet(channels, channels=m.channels, channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+               attn_levels=tuple(m.attn_levels), mid_attn=m.mid_attn, head_dim=m.head_dim, groups=m.groups,
+               transformer_depth=m.transformer_depth, **conditioner.unet_kwargs())
+    denoiser = build_denoiser(cfg, net)
+    opt = adamw(net, 1e-4)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(batch, channels, size, size, generator=g), torch.randn(batch, channels, size, size,
+                                                                                   generator=g)
+    sigma = denoiser.schedule.sample_sigma(batch, g).float()
+    count = iter(range(10**9))
+
+    def step():
+        cond = conditioner.cond(batch_labels(next(count), batch))
+        loss = denoiser.loss(x0, sigma, noise, cond).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+
+    return step, sum(p.numel() for p in net.parameters())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=96)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_config(ROOT / "configs" / "shapes-latent.yaml", ["model.vae="])  # the U-Net alone
+    conditioner, batch_labels = text_conditions(cfg)
+    steps = {name: make_step(cfg, c, s, args.batch, conditioner, batch_labels) for name, c, s in CASES}
+    times = {name: [] for name in steps}
+    for name, (step, _) in steps.items():  # warm-up
+        step()
+    for _ in range(args.rounds):
+        for name, (step, _) in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[name].append((time.perf_counter() - start) / args.steps)
+    latent = statistics.median(times[CASES[0][0]])
+    rows = [{"model": name, "params": f"{steps[name][1] / 1e6:.2f}M",
+             "s/step (median)": f"{statistics.median(t):.4f}",
+             "latent speed-up": f"{statistics.median(t) / latent:.2f}x"} for name, t in times.items()]
+    print(table(rows, list(rows[0])))
+    path = write_results(__file__, {"batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
+                                    "seconds_per_step": times,
+                                    "median": {k: statistics.median(v) for k, v in times.items()},
+                                    "speedup_vs_latent": {k: statistics.median(v) / latent for k, v in times.items()}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
