@@ -1,8 +1,9 @@
 """Sampler quality per NFE on analytic Gaussian mixtures (exact denoiser, float64, no training).
 
 Two problems (``--problem``): ``mixture``, four well-separated isotropic blobs in 3-D; and
-``spectral``, a 64-d Gaussian with a 1/f amplitude spectrum like natural images. They disagree on
-which solver wins at few steps, which is the point of showing both.
+``spectral``, a 64-d Gaussian with a 1/f amplitude spectrum like natural images (``--components K``:
+a mixture of K such Gaussians, means from the same spectrum). They disagree on which solver wins at
+few steps, which is the point of showing both.
 
 For every sampler in ``difflab.samplers.SAMPLERS`` (plus DPM++ 2M on the trailing grid and DDIM on
 the Karras grid) and NFE
@@ -23,7 +24,8 @@ DDPM walk their native "trailing" grid, all others the Karras grid over the same
 Runs single-threaded by default (``--threads``): the denoiser calls are tiny, and on a shared
 machine extra intra-op threads only add contention.
 
-    python benchmarks/sampler_error.py --problem mixture|spectral [--dim N] [--samples 4096] [--threads 1]
+    python benchmarks/sampler_error.py --problem mixture|spectral [--dim N] [--components K]
+        [--samples 4096] [--threads 1]
 """
 from __future__ import annotations
 
@@ -111,6 +113,8 @@ def main():
                    help="mixture: GaussianMixture.default(dim), four isotropic blobs; spectral: "
                         "GaussianMixture.spectral(dim), an image-like 1/f Gaussian")
     p.add_argument("--dim", type=int, default=None, help="data dimension (default 3 for mixture, 64 for spectral)")
+    p.add_argument("--components", type=int, default=1,
+                   help="spectral only: mixture components, means drawn from the same 1/f spectrum")
     p.add_argument("--samples", type=int, default=4096, help="samples per sampler for the sliced W2")
     p.add_argument("--projections", type=int, default=256)
     p.add_argument("--ref-steps", type=int, default=2000)
@@ -123,8 +127,11 @@ def main():
     t_start = time.perf_counter()
 
     args.dim = args.dim or {"mixture": 3, "spectral": 64}[args.problem]
-    gm = getattr(GaussianMixture, "default" if args.problem == "mixture" else "spectral")(args.dim)
-    problem = f"GaussianMixture.{'default' if args.problem == 'mixture' else 'spectral'}({args.dim})"
+    if args.problem == "mixture":
+        gm, problem = GaussianMixture.default(args.dim), f"GaussianMixture.default({args.dim})"
+    else:
+        gm = GaussianMixture.spectral(args.dim, components=args.components)
+        problem = f"GaussianMixture.spectral({args.dim}, components={args.components})"
     sched = schedules.linear(1000)
     smin, smax = sched.sigma_min, sched.sigma_max
     shape = (args.samples, *gm.shape)
@@ -227,7 +234,8 @@ def main():
         print("WARNING:", s)
     elapsed = time.perf_counter() - t_start
     print(f"elapsed {elapsed:.1f}s (reference {t_ref:.1f}s)")
-    path = write_results(__file__, name=f"sampler_error_{args.problem}", payload={
+    name = f"sampler_error_{args.problem}" + (f"_k{args.components}" if args.components > 1 else "")
+    path = write_results(__file__, name=name, payload={
         "problem": {"mixture": problem, "dtype": "float64", "sigma_min": smin,
                     "sigma_max": smax, "schedule": "linear(1000)", "samples": args.samples,
 "projections": args.projections, "seed": args.seed},
