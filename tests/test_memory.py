@@ -142,3 +142,16 @@ def test_cli_prints_the_plan(tiny_cfg, capsys):
     assert sum(line.lstrip().startswith("train") for line in out.splitlines()) == 4  # fp32/bf16 x ckpt off/on
     assert main(["memory", "configs/digits.yaml", "--batch-size", "0"]) == 2
     assert "expected a batch size >= 1, got 0" in capsys.readouterr().err
+
+
+def test_tracker_still_counts_after_ignored_tensors_are_dropped():
+    # ignored storages are keyed by address; the tracker holds them so no new allocation reuses one
+    # (under fake tensors, as the planner runs, freed addresses are reused at once)
+    with M._fake_mode():
+        tracker = M.StorageTracker()
+        batch = [torch.randn(256) for _ in range(20)]
+        tracker.ignore(batch)
+        del batch
+        with tracker:
+            kept = [torch.randn(256) for _ in range(200)]
+        assert tracker.current == 200 * 256 * 4 and len(kept) == 200

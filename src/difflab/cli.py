@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_args(t)
     t.set_defaults(func=_train)
 
-    v = sub.add_parser("train-vae", help="train the autoencoder of latent diffusion (config section vae), "
-                                         "then report its held-out reconstruction PSNR")
+    v = sub.add_parser("train-vae", help="train the autoencoder of latent diffusion (config section vae), then "
+                                         "report its reconstruction PSNR on held-out images (a folder dataset: "
+                                         "its first images)")
     train_args(v)
     v.set_defaults(func=_train_vae)
 

@@ -133,10 +133,6 @@ class MemoryPlan:
                      "activations": i.activations, "peak": i.peak})
         return rows
 
-    def format(self) -> str:
-        return format_plan(self)
-
-
 BYTE_COLUMNS = ("weights", "ema", "gradients", "optimizer", "data", "activations", "peak")
 
 
@@ -160,19 +156,22 @@ class StorageTracker(TorchDispatchMode):
 
     Each storage is counted once however many views share it, from the op that created it until
     its Python object dies (torch keeps a storage's Python object alive exactly as long as the
-    storage). Pass what exists before as ``ignore`` (weights, the batch): an in-place op on a weight
-    returns the weight, which is not a new allocation, and ignored storages are never counted.
+    storage). Pass what exists before to ``ignore`` (weights, the batch): an in-place op on a weight
+    returns the weight, which is not a new allocation, and ignored storages are never counted. The
+    tracker holds the ignored tensors, so their storages, keyed by address, are never freed and
+    their addresses never reused by an allocation that should count.
     ``history`` records (serial, +/- bytes) so the bytes of chosen storages at the peak can be
     recovered afterwards (the gradients, known only once backward is done).
     """
 
     def __init__(self, ignore=()):
         super().__init__()
-        self.ignored = {_key(t) for t in ignore}
+        self.ignored: set[int] = set()
+        self._held: list[Tensor] = []
+        self.ignore(ignore)
         self.live: dict[int, tuple[int, int]] = {}  # storage key -> (serial, bytes)
         self.history: list[tuple[int, int]] = []
         self.current = self.peak = self.peak_index = 0
-        self.marks: dict[str, tuple[int, int]] = {}  # name -> (current bytes, history length)
         self.ops: set[str] = set()
         self._serial = 0
 
@@ -205,8 +204,10 @@ class StorageTracker(TorchDispatchMode):
         if self.current > self.peak:
             self.peak, self.peak_index = self.current, len(self.history)
 
-    def mark(self, name: str) -> None:
-        self.marks[name] = (self.current, len(self.history))
+    def ignore(self, tensors) -> None:
+        tensors = list(tensors)
+        self._held += tensors
+        self.ignored |= {_key(t) for t in tensors}
 
     def serials(self, tensors) -> set[int]:
         """Serials of the tracked storages of ``tensors`` (e.g. the gradients after backward)."""
@@ -453,8 +454,7 @@ def simulate_training(cfg: Config, micro: int, precision: str, checkpointing: bo
 
     Two micro-batches show the accumulation case: the second forward runs while the first one's
     gradients are live. Returns bytes: ``peak`` (everything forward/backward allocated at once,
-    gradients included), ``gradients_at_peak``, ``saved`` (live when the first forward ends: the
-    activations kept for backward), and the ops seen.
+    gradients included), ``gradients_at_peak``, and the ops seen.
     """
     with _simulating("the training step"), _fake_mode():
         with torch.device(device):
@@ -463,17 +463,14 @@ def simulate_training(cfg: Config, micro: int, precision: str, checkpointing: bo
         tracker = StorageTracker(ignore=list(net.parameters()) + list(net.buffers()))
         for j in range(min(cfg.train.grad_accum, 2)):
             x0, sigma, noise, cond = random_batch(cfg, micro, device)
-            tracker.ignored |= {_key(t) for t in [x0, sigma, noise, *_cond_tensors(cond)]}
+            tracker.ignore([x0, sigma, noise, *_cond_tensors(cond)])
             with tracker:
                 with _autocast(device, precision):
                     loss = _loss(cfg, denoiser, x0, sigma, noise, cond)
-                if j == 0:
-                    tracker.mark("forward")
                 loss.backward()
                 del loss
         grads = tracker.serials(p.grad for p in net.parameters() if p.grad is not None)
-        return {"peak": tracker.peak, "gradients_at_peak": tracker.bytes_at_peak(grads),
-                "saved": tracker.marks["forward"][0], "ops": tracker.ops}
+        return {"peak": tracker.peak, "gradients_at_peak": tracker.bytes_at_peak(grads), "ops": tracker.ops}
 
 
 def sampling_denoiser(cfg: Config, denoiser, device="cpu"):

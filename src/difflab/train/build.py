@@ -26,7 +26,11 @@ def data_shape(cfg: Config) -> tuple[int, int, int]:
     f = 2 ** (len(v.channel_mult) - 1)
     if d.image_size % f:
         raise ValueError(f"data.image_size ({d.image_size}) must be divisible by the VAE's downsampling factor {f}")
-    return (v.latent_channels, d.image_size // f, d.image_size // f)
+    size, u = d.image_size // f, 2 ** (len(cfg.model.channel_mult) - 1)
+    if size % u:
+        raise ValueError(f"the {size}x{size} latents of {d.image_size}x{d.image_size} images must be divisible by "
+                         f"the U-Net's downsampling factor 2^(len(model.channel_mult) - 1) = {u}")
+    return (v.latent_channels, size, size)
 
 
 def build_unet(cfg: Config, conditioner=None) -> UNet:
@@ -58,4 +62,7 @@ def adamw(net: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.o
     """
     params = list(net.parameters())
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    except RuntimeError:  # torch < 2.4 has no fused CPU kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -3,8 +3,9 @@
 Every random draw of step ``k`` (which examples, which noise levels, which
 noise, which labels are dropped) comes from a generator seeded by (seed, k) and
 is drawn for the whole global batch before each rank takes its slice. So
-training is a pure function of the config: resuming, accumulating micro-batches
-or splitting the batch over ranks gives the same updates.
+training is a pure function of the config: resuming gives bit-identical updates;
+accumulating micro-batches or splitting the batch over ranks gives the same updates
+up to float rounding (sums in another order; a text batch's padding is cut per slice).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..config import Config
 from ..data import load_data
 from ..generate import generate
 from . import checkpoint as ckpt
-from .build import adamw, build_denoiser, build_unet
+from .build import adamw, build_denoiser, build_unet, data_shape
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from .ema import EMA, ema_decay
 
@@ -150,6 +151,7 @@ class Trainer:
         if self.cfg.model.vae:
             from ..latents import VAE_FILE, latent_data, load_vae, vae_identity
 
+            data_shape(self.cfg)  # latents the U-Net cannot downsample fail here, before any encoding
             self.vae = load_vae(self.cfg.model.vae, self.device)
             if self.resuming:  # refuse another VAE before encoding the data with it
                 self.check_record(VAE_FILE, vae_identity(self.vae, self.cfg.model.vae))
@@ -308,7 +310,7 @@ class Trainer:
             ckpt.write_text(self.run / "config.yaml", _yaml(cfg))
             for name, record in self.records().items():
                 ckpt.write_json(self.run / name, record)
-        self.start_time = time.time()
+        self.start_time, self.first_step = time.time(), self.step
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
         log = open(self.run / "metrics.jsonl", "a") if self.dist.is_main else None

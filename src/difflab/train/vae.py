@@ -57,7 +57,12 @@ class VAETrainer(Trainer):
         save_grid(torch.cat([x, x_hat]), self.run / "samples" / f"step_{self.step:07d}.png", nrow=8)
 
     def finish(self) -> None:
-        """Estimate the latent scaling factor with the EMA weights, give it to both copies, save."""
+        """Estimate the latent scaling factor with the EMA weights, give it to both copies, save.
+
+        A finished run resumed without new steps keeps its factor: re-estimating could change its
+        last bits on a GPU, hence the weights hash, and every latent model trained on it would be refused."""
+        if self.step == self.first_step and torch.isfinite(self.ema.model.scaling_factor):
+            return
         images = self.data.images[:SCALING_IMAGES].to(self.device)
         factor = self.ema.model.estimate_scaling_factor(images)
         self.net.scaling_factor.fill_(factor)
