@@ -155,8 +155,12 @@ class Trainer:
             self.vae = load_vae(self.cfg.model.vae, self.device)
             if self.resuming:  # refuse another VAE before encoding the data with it
                 self.check_record(VAE_FILE, vae_identity(self.vae, self.cfg.model.vae))
-            self.data = latent_data(self.vae, self.cfg, self.data, self.run,
-                                    progress=self.progress and self.dist.is_main)
+            # the main rank encodes and writes the cache; the others wait, then read it
+            if self.dist.is_main:
+                self.data = latent_data(self.vae, self.cfg, self.data, self.run, progress=self.progress)
+            barrier(self.dist)
+            if not self.dist.is_main:
+                self.data = latent_data(self.vae, self.cfg, self.data, self.run, progress=False)
         self.conditioner = conditioner_for(self.cfg, self.data, progress=self.progress and self.dist.is_main)
         self.labels = (self.conditioner.labels(self.data.captions) if isinstance(self.conditioner, TextConditioner)
                        else self.data.labels)
