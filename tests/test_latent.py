@@ -109,6 +109,8 @@ def test_latent_model_end_to_end_and_refuses_another_vae(tmp_path, capsys):
     assert "the 4x4 latents of 8x8 images must be divisible by the U-Net's downsampling factor" in \
         capsys.readouterr().err
     assert not (tmp_path / "ldm" / CACHE_FILE).exists()  # refused before encoding anything
+    assert main(["memory", *model]) == 0
+    assert "input (2, 4, 4)" in (out := capsys.readouterr().out) and "not in the peaks: the VAE's" in out
     assert main(["train", *model, "--quiet", "--no-eval"]) == 0
     run = tmp_path / "ldm"
     assert (run / CACHE_FILE).exists() and (run / "samples" / "step_0000003.png").exists()

@@ -623,12 +623,23 @@ def plan(cfg: Config, batch_size: int | None = None, device: str | None = None) 
         extras.append("the text-embedding table")
     if extras:
         notes.append(f"also in host memory, not in the peaks: {', '.join(extras)}")
+    if cfg.model.vae:
+        notes.append(f"not in the peaks: the VAE's {_vae_bytes(cfg) / MiB:.1f} MiB of weights, held on the device "
+                     "while training and sampling, and the decoder's activations when the latents are decoded")
     missing = _missing_meta_kernels(ops | seen)
     if missing:
         notes.append(f"no meta kernel for {', '.join(missing)}: simulated through FakeTensorMode's fallback "
                      "(the real kernel on zeros), so their outputs are counted but their workspaces not")
     return MemoryPlan(shape=data_shape(cfg), batch_size=batch, micro_batch=micro, parameters=n_params,
                       device=device, training=training, inference=inference, notes=notes)
+
+
+def _vae_bytes(cfg: Config) -> int:
+    from .latents import build_vae
+    from .train.build import vae_config
+
+    with torch.device("meta"):
+        return storage_bytes(build_vae(vae_config(cfg.model.vae)).state_dict().values())
 
 
 # ---------------------------------------------------------------------------------------------- measuring
