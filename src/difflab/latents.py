@@ -72,6 +72,14 @@ def encode_images(vae: AutoencoderKL, images: Tensor, batch_size: int = 256, pro
                       for i in tqdm(chunks, disable=not progress, desc="encode latents")])
 
 
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, z: Tensor, batch_size: int = 256) -> Tensor:
+    """Images (on the CPU) from scaled latents ``z``, decoded in slices of ``batch_size`` rows on the
+    VAE's device (bounded decoder memory)."""
+    device = vae.scaling_factor.device
+    return torch.cat([vae.from_latent(z[i:i + batch_size].to(device)).cpu() for i in range(0, len(z), batch_size)])
+
+
 def _fingerprint(vae: AutoencoderKL, images: Tensor) -> dict[str, str]:
     from .train.checkpoint import weights_sha256
 

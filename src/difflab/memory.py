@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_leaves
 
 from .cond import Cond
 from .config import Config
-from .train.build import adamw, build_denoiser, build_unet, data_shape
+from .train.build import adamw, build_denoiser, build_unet, data_shape, diffusion_loss
 
 MiB = 2 ** 20
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -350,9 +350,7 @@ def _autocast(device: str, precision: str):
 
 
 def _loss(cfg: Config, denoiser, x0, sigma, noise, cond) -> Tensor:
-    d = cfg.diffusion
-    return denoiser.loss(x0, sigma, noise, cond, weighting=d.weighting, kind=d.loss,
-                         min_snr_gamma=d.min_snr_gamma).mean() / cfg.train.grad_accum
+    return diffusion_loss(cfg, denoiser, x0, sigma, noise, cond) / cfg.train.grad_accum
 
 
 # --------------------------------------------------------------------------------------------- analytic

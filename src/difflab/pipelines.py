@@ -54,14 +54,11 @@ class Pipeline:
         """The (C, H, W) the denoiser generates: the images, or their VAE latents."""
         return data_shape(self.cfg)
 
-    @torch.no_grad()
     def decode(self, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Images from generated latents, in slices of ``batch_size`` (bounded decoder memory)."""
-        if self.vae is None:
-            return z
-        device = self.vae.scaling_factor.device
-        return torch.cat([self.vae.from_latent(z[i:i + batch_size].to(device)).cpu()
-                          for i in range(0, len(z), batch_size)])
+        from .latents import decode_latents
+
+        return z if self.vae is None else decode_latents(self.vae, z, batch_size)
 
     def conds(self, n: int, labels=None, prompt=None, negative_prompt: str | None = None):
         """(cond, null_cond) for ``n`` samples: class labels (cycling through the classes by

@@ -54,6 +54,13 @@ def build_denoiser(cfg: Config, net) -> denoisers.Denoiser:
     return denoisers.build(d.parametrization, net, build_schedule(cfg), d.sigma_data)
 
 
+def diffusion_loss(cfg: Config, denoiser: denoisers.Denoiser, x0, sigma, noise, cond):
+    """The batch-mean training loss with ``cfg.diffusion``'s weighting, loss kind and min-SNR gamma."""
+    d = cfg.diffusion
+    return denoiser.loss(x0, sigma, noise, cond, weighting=d.weighting, kind=d.loss,
+                         min_snr_gamma=d.min_snr_gamma).mean()
+
+
 def adamw(net: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019), fused into one kernel per step where torch has one.
 

@@ -27,7 +27,7 @@ from ..config import Config
 from ..data import load_data
 from ..generate import generate
 from . import checkpoint as ckpt
-from .build import adamw, build_denoiser, build_unet, data_shape
+from .build import adamw, build_denoiser, build_unet, data_shape, diffusion_loss
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from .ema import EMA, ema_decay
 
@@ -153,8 +153,9 @@ class Trainer:
 
             data_shape(self.cfg)  # latents the U-Net cannot downsample fail here, before any encoding
             self.vae = load_vae(self.cfg.model.vae, self.device)
+            self.vae_record = vae_identity(self.vae, self.cfg.model.vae)
             if self.resuming:  # refuse another VAE before encoding the data with it
-                self.check_record(VAE_FILE, vae_identity(self.vae, self.cfg.model.vae))
+                self.check_record(VAE_FILE, self.vae_record)
             # the main rank encodes and writes the cache; the others wait, then read it
             if self.dist.is_main:
                 self.data = latent_data(self.vae, self.cfg, self.data, self.run, progress=self.progress)
@@ -180,9 +181,9 @@ class Trainer:
         if isinstance(self.conditioner, TextConditioner):
             out[TEXT_ENCODER_FILE] = self.conditioner.identity()
         if self.vae is not None:
-            from ..latents import VAE_FILE, vae_identity
+            from ..latents import VAE_FILE
 
-            out[VAE_FILE] = vae_identity(self.vae, self.cfg.model.vae)
+            out[VAE_FILE] = self.vae_record
         return out
 
     def check_record(self, name: str, mine: dict) -> None:
@@ -214,9 +215,7 @@ class Trainer:
     def loss(self, batch: tuple, mb: slice) -> Tensor:
         x0, sigma, noise, labels = batch
         cond = self.conditioner.cond(labels[mb]).to(self.device) if labels is not None else None
-        d = self.cfg.diffusion
-        return self.train_denoiser.loss(x0[mb], sigma[mb], noise[mb], cond, weighting=d.weighting, kind=d.loss,
-                                        min_snr_gamma=d.min_snr_gamma).mean()
+        return diffusion_loss(self.cfg, self.train_denoiser, x0[mb], sigma[mb], noise[mb], cond)
 
     @property
     def rows(self) -> slice:
@@ -300,8 +299,9 @@ class Trainer:
         x = generate(ema_denoiser, self.data.images.shape[1:], n, cond=cond, null_cond=null, sampler=e.sampler,
                      steps=min(e.steps, 25), spacing=e.spacing, guidance=e.guidance, seed=e.seed, progress=False)
         if self.vae is not None:
-            with torch.no_grad():
-                x = self.vae.from_latent(x.to(self.device)).cpu()
+            from ..latents import decode_latents
+
+            x = decode_latents(self.vae, x)
         save_grid(x, self.run / "samples" / f"step_{self.step:07d}.png", nrow=nrow)
 
     def finish(self) -> None:
