@@ -104,3 +104,16 @@ def test_cli_sample_with_a_named_sampler_and_grid(run_dir, tmp_path):
                  "--steps", "5", "--out", str(out), "--quiet"]) == 0
     assert out.exists()
     assert main(["sample", "--run", str(run_dir), "--n", "2", "--sampler", "dpm++", "--out", str(out)]) == 2
+
+
+def test_cli_sampler_options_reach_the_sampler_and_unknown_ones_are_refused(run_dir, tmp_path, capsys):
+    args = ["sample", "--run", str(run_dir), "--n", "2", "--sampler", "dpmpp_3m", "--steps", "6", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["--option", "taylor_d2=true", "--out", str(tmp_path / "b.png")]) == 0
+    a, b = (np.load(tmp_path / f"{k}.npz")["images"] for k in "ab")
+    assert np.abs(a - b).max() > 1e-6  # the option changed the update
+    capsys.readouterr()
+    assert main(args + ["--option", "corrector=false", "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no option 'corrector'" in err and "taylor_d2" in err
+    assert main(args + ["--option", "taylor_d2", "--out", str(tmp_path / "c.png")]) == 2

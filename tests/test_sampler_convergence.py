@@ -30,10 +30,10 @@ def start_and_reference():
     return x, samplers.sample_heun(GM, x, grid(4000), progress=False)
 
 
-def fitted_order(name, x, ref, **kwargs):
+def fitted_order(name, x, ref, nfes_tried=NFES, **kwargs):
     nfe_per_step = {"heun": 2, "dpm_solver_2": 2, "dpm_solver_3": 3}.get(name, 1)
     nfes, errs = [], []
-    for nfe in NFES:
+    for nfe in nfes_tried:
         n = nfe // nfe_per_step
         out = samplers.get_sampler(name)(GM, x, grid(n), progress=False, **kwargs)
         nfes.append(n * nfe_per_step)
@@ -42,20 +42,23 @@ def fitted_order(name, x, ref, **kwargs):
     return -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
 
 
-@pytest.mark.parametrize("name,order", [("euler", 1), ("ddim", 1), ("dpm_solver_1", 1), ("heun", 2),
-                                        ("dpm_solver_2", 2), ("dpmpp_2m", 2), ("dpm_solver_3", 3)])
-def test_empirical_order_matches_theory(name, order, start_and_reference):
-    assert abs(fitted_order(name, *start_and_reference) - order) <= 0.3
+@pytest.mark.parametrize("name,order,kwargs", [
+    ("euler", 1, {}), ("ddim", 1, {}), ("dpm_solver_1", 1, {}), ("heun", 2, {}), ("dpm_solver_2", 2, {}),
+    ("dpmpp_2m", 2, {}), ("dpm_solver_3", 3, {}),
+    ("dpmpp_3m", 3, {"taylor_d2": True}),  # measured 3.21
+    ("unipc", 3, {"corrector": False}),    # UniP-3 alone, measured 3.18
+    ("unipc", 4, {}),                      # UniC lifts UniP-3 to p + 1 (Zhao et al. 2023), measured 4.11
+])
+def test_empirical_order_matches_theory(name, order, kwargs, start_and_reference):
+    assert abs(fitted_order(name, *start_and_reference, **kwargs) - order) <= 0.3
 
 
-def test_dpmpp_3m_is_better_than_second_order(start_and_reference):
-    # The references' D2 is half the Taylor term's h^2 x0'' (see sample_dpmpp_3m_sde), so the
-    # asymptotic order is 2; over NFE 12..192 on this grid the fitted order is 2.67.
+def test_reference_dpmpp_3m_is_second_order(start_and_reference):
+    # The references' D2 is half the Taylor term's h^2 x0'' (see sample_dpmpp_3m_sde): the local
+    # error stays O(h^3). Pre-asymptotically it looks better (2.67 over NFE 12..192); from NFE 96
+    # on, the fit is 2.12.
     assert fitted_order("dpmpp_3m", *start_and_reference) >= 2.6
-
-
-def test_dpmpp_3m_with_the_taylor_d2_is_third_order(start_and_reference):
-    assert abs(fitted_order("dpmpp_3m", *start_and_reference, taylor_d2=True) - 3) <= 0.3  # measured 3.21
+    assert abs(fitted_order("dpmpp_3m", *start_and_reference, nfes_tried=(96, 192, 384, 768)) - 2) <= 0.3
 
 
 def test_reference_solution_is_converged(start_and_reference):

@@ -40,7 +40,7 @@ def _uni_update(x, lam_t, hist, variant, x0_t=None):
 
 @torch.no_grad()
 def sample_unipc(denoiser, x, sigmas, cond=None, *, order=3, variant="bh2", lower_order_final=True,
-                 noise=None, callback=None, progress=True):
+                 corrector=True, noise=None, callback=None, progress=True):
     """UniPC-p multistep sampler, data (x0) prediction, B(h) = h ("bh1") or e^h - 1 ("bh2").
 
     Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
@@ -51,7 +51,8 @@ def sample_unipc(denoiser, x, sigmas, cond=None, *, order=3, variant="bh2", lowe
     evaluation (no extra NFE); then predict x at sigma_{i+1} with UniP of order
     p = min(order, i + 1, N - i): warm-up, and (like diffusers and the official code, for any N)
     lower order at the end if ``lower_order_final``. The step to sigma = 0 (lambda = +inf) is
-    x = x0_hat, the order-1 limit, with no corrector.
+    x = x0_hat, the order-1 limit, with no corrector. ``corrector=False`` runs UniP-p alone (order p;
+    diffusers' ``disable_corrector`` at every step); the corrector lifts the order to p + 1.
     Deterministic: ``noise`` is accepted for the shared signature and unused.
     """
     if order not in (1, 2, 3):
@@ -62,7 +63,7 @@ def sample_unipc(denoiser, x, sigmas, cond=None, *, order=3, variant="bh2", lowe
     n, hist, used, x_prev = len(sigmas) - 1, [], None, None
     for i, sigma, sigma_next in _steps(sigmas, progress):
         lam, x0_hat = -math.log(sigma), _denoise(denoiser, x, sigma, cond)
-        if used:  # UniC with the evaluation at the predicted point
+        if used and corrector:  # UniC with the evaluation at the predicted point
             x = _uni_update(x_prev, lam, used, variant, x0_hat)
         hist = (hist + [(lam, x0_hat)])[-order:]
         _report(callback, x, i, sigma, sigma_next, x0_hat)
