@@ -9,7 +9,11 @@ in the MiniLM embedding table (10% dropped to the empty prompt, padding cut to t
 caption), EDM loss on random data of the model's shape, backward, gradient clipping, the trainer's fused AdamW. The
 latents are cached before training, so the latent step does not run the VAE. Models are timed
 round-robin, ``--steps`` steps each per round, for ``--rounds`` rounds; the table gives the median
-seconds per step.
+seconds per step, and the floating-point work of one step (convolutions and matrix products,
+forward and backward, counted by ``torch.utils.flop_counter``): the FLOP ratio is the speed-up a
+step could reach if both models ran at the same FLOP rate. The cross-attention K/V projections of
+the 384-d text context cost the same at every resolution, so 4x fewer positions give less than 4x
+fewer FLOPs.
 
     python benchmarks/latent_speed.py [--rounds 5] [--steps 5] [--threads 2]
 """
@@ -79,6 +83,15 @@ def make_step(cfg, channels: int, size: int, batch: int, conditioner, batch_labe
     return step, sum(p.numel() for p in net.parameters())
 
 
+def step_flops(step) -> int:
+    """Convolution and matmul FLOPs of one step (attention kernels are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -91,23 +104,26 @@ def main(argv=None):
     conditioner, batch_labels = text_conditions(cfg)
     steps = {name: make_step(cfg, c, s, args.batch, conditioner, batch_labels) for name, c, s in CASES}
     times = {name: [] for name in steps}
-    for name, (step, _) in steps.items():  # warm-up
-        step()
+    flops = {name: step_flops(step) for name, (step, _) in steps.items()}  # also the warm-up
     for _ in range(args.rounds):
         for name, (step, _) in steps.items():
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
             times[name].append((time.perf_counter() - start) / args.steps)
-    latent = statistics.median(times[CASES[0][0]])
+    latent, latent_flops = statistics.median(times[CASES[0][0]]), flops[CASES[0][0]]
     rows = [{"model": name, "params": f"{steps[name][1] / 1e6:.2f}M",
              "s/step (median)": f"{statistics.median(t):.4f}",
-             "latent speed-up": f"{statistics.median(t) / latent:.2f}x"} for name, t in times.items()]
+             "latent speed-up": f"{statistics.median(t) / latent:.2f}x",
+             "GFLOP/step": f"{flops[name] / 1e9:.2f}", "FLOP ratio": f"{flops[name] / latent_flops:.2f}x",
+             "GFLOP/s": f"{flops[name] / 1e9 / statistics.median(t):.0f}"} for name, t in times.items()]
     print(table(rows, list(rows[0])))
     path = write_results(__file__, {"batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
                                     "seconds_per_step": times,
                                     "median": {k: statistics.median(v) for k, v in times.items()},
-                                    "speedup_vs_latent": {k: statistics.median(v) / latent for k, v in times.items()}})
+                                    "speedup_vs_latent": {k: statistics.median(v) / latent for k, v in times.items()},
+                                    "flops_per_step": flops,
+                                    "flop_ratio_vs_latent": {k: f / latent_flops for k, f in flops.items()}})
     print(f"wrote {path}")
 
 

@@ -57,7 +57,7 @@ def test_fake_simulation_equals_tracking_real_tensors(tiny_cfg, precision, check
     denoiser = M.build_denoiser(cfg, net)
     x0, sigma, noise, cond = M.random_batch(cfg, 4)
     with M.StorageTracker(ignore=[*net.parameters(), x0, sigma, noise, *M._cond_tensors(cond)]) as tracker:
-        with M._autocast("cpu", precision):
+        with M.autocast("cpu", precision):
             loss = M._loss(cfg, denoiser, x0, sigma, noise, cond)
         loss.backward()
         del loss

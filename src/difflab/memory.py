@@ -52,10 +52,9 @@ from torch.utils._pytree import tree_leaves
 
 from .cond import Cond
 from .config import Config
-from .train.build import adamw, build_denoiser, build_unet, data_shape, diffusion_loss
+from .train.build import adamw, autocast, build_denoiser, build_unet, data_shape, diffusion_loss
 
 MiB = 2 ** 20
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLER_STATE_COPIES = 4  # x, the denoised estimate and up to two earlier ones (multistep samplers)
 
 
@@ -341,14 +340,6 @@ def _cond_tensors(cond: Cond | None) -> list[Tensor]:
     return [t for t in (cond.labels, cond.context, cond.context_mask, cond.pooled) if t is not None]
 
 
-def _autocast(device: str, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision not in LOW_PRECISION:
-        raise PlanError(f"expected precision fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(device, dtype=LOW_PRECISION[precision])
-
-
 def _loss(cfg: Config, denoiser, x0, sigma, noise, cond) -> Tensor:
     return diffusion_loss(cfg, denoiser, x0, sigma, noise, cond) / cfg.train.grad_accum
 
@@ -463,7 +454,7 @@ def simulate_training(cfg: Config, micro: int, precision: str, checkpointing: bo
             x0, sigma, noise, cond = random_batch(cfg, micro, device)
             tracker.ignore([x0, sigma, noise, *_cond_tensors(cond)])
             with tracker:
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     loss = _loss(cfg, denoiser, x0, sigma, noise, cond)
                 loss.backward()
                 del loss
@@ -696,7 +687,7 @@ class _TrainState:
             mb = slice(j * self.micro, (j + 1) * self.micro)
             cond = random_cond(self.cfg, self.micro, self.device)
             with marker("forward_backward"):
-                with _autocast(self.device, self.precision):
+                with autocast(self.device, self.precision):
                     loss = _loss(self.cfg, self.denoiser, x0[mb], sigma[mb], noise[mb], cond)
                 loss.backward()
                 del loss

@@ -1,6 +1,7 @@
 """Config -> network, schedule and denoiser (shared by the trainer and the pipelines)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,6 +60,20 @@ def diffusion_loss(cfg: Config, denoiser: denoisers.Denoiser, x0, sigma, noise, 
     d = cfg.diffusion
     return denoiser.loss(x0, sigma, noise, cond, weighting=d.weighting, kind=d.loss,
                          min_snr_gamma=d.min_snr_gamma).mean()
+
+
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device_type: str, precision: str):
+    """The forward pass's autocast context for ``train.precision`` (none for fp32; fp16 needs CUDA)."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision not in LOW_PRECISION:
+        raise ValueError(f"expected precision fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("train.precision=fp16 needs CUDA; use bf16 on CPU")
+    return torch.autocast(device_type, dtype=LOW_PRECISION[precision])
 
 
 def adamw(net: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:

@@ -27,7 +27,7 @@ from ..config import Config
 from ..data import load_data
 from ..generate import generate
 from . import checkpoint as ckpt
-from .build import adamw, build_denoiser, build_unet, data_shape, diffusion_loss
+from .build import adamw, autocast, build_denoiser, build_unet, data_shape, diffusion_loss
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from .ema import EMA, ema_decay
 
@@ -96,14 +96,6 @@ def _check_batch(cfg: Config, dist: DistInfo) -> int:
         raise TrainingError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                             f"world_size x grad_accum = {parts}")
     return cfg.train.batch_size // parts
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise TrainingError("train.precision=fp16 needs CUDA; use bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class Trainer:
@@ -259,7 +251,7 @@ class Trainer:
         for j in range(t.grad_accum):
             mb = slice(j * self.micro, (j + 1) * self.micro)
             sync = self.dist.enabled and j < t.grad_accum - 1
-            with (self.train_net.no_sync() if sync else nullcontext()), _autocast(self.device, t.precision):
+            with (self.train_net.no_sync() if sync else nullcontext()), autocast(self.device.type, t.precision):
                 loss = self.loss(batch, mb) / t.grad_accum
             self.scaler.scale(loss).backward()
             total += loss.detach()
