@@ -7,9 +7,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from difflab import memory as M
 from difflab.cli import main
 from difflab.config import load_config
-from difflab.latents import CACHE_FILE, cached_latents, load_vae
+from difflab.latents import CACHE_FILE, cached_latents, decode_latents, load_vae
 from difflab.nn import AutoencoderKL, UNet
 from difflab.pipelines import load
 from difflab.train import train_vae
@@ -110,7 +111,18 @@ def test_latent_model_end_to_end_and_refuses_another_vae(tmp_path, capsys):
         capsys.readouterr().err
     assert not (tmp_path / "ldm" / CACHE_FILE).exists()  # refused before encoding anything
     assert main(["memory", *model]) == 0
-    assert "input (2, 4, 4)" in (out := capsys.readouterr().out) and "not in the peaks: the VAE's" in out
+    out = capsys.readouterr().out
+    assert "input (2, 4, 4)" in out and " vae " in out and " decode " in out and "decodes the latents" in out
+    cfg = load_config(None, model + ["eval.batch_size=64"])
+    sampling = M.estimate_inference(cfg)[0]
+    assert sampling.vae == M.vae_bytes(cfg) > 0 and sampling.decode > 0
+    assert sampling.peak == pytest.approx(M.measure_inference_peak(cfg, steps=2)["peak"], rel=0.15)
+    assert all(t.vae == sampling.vae for t in M.plan(cfg).training)
+    vae, z = load_vae(tmp_path / "vae"), torch.randn(64, 2, 4, 4)
+    with M.StorageTracker(ignore=[*vae.parameters(), *vae.buffers(), z]) as tracker:
+        images = decode_latents(vae, z)
+        del images
+    assert M.simulate_decode(cfg, 64)["peak"] == pytest.approx(tracker.peak, rel=0.01)  # the same ops on fakes
     assert main(["train", *model, "--quiet", "--no-eval"]) == 0
     run = tmp_path / "ldm"
     assert (run / CACHE_FILE).exists() and (run / "samples" / "step_0000003.png").exists()

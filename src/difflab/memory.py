@@ -77,11 +77,12 @@ class TrainingEstimate:
     activations: int     # at the forward/backward peak: saved activations + temporaries, not the gradients
     fwd_bwd_peak: int    # the most that forward + backward have allocated at once (gradients included)
     configured: bool = False  # the config's own precision and checkpointing
+    vae: int = 0         # a latent model's frozen VAE, on the device for the sample grids
 
     @property
     def static(self) -> int:
         """What is live before the forward starts (the previous step's gradients are already freed)."""
-        return self.weights + self.ema + self.optimizer + self.batch
+        return self.weights + self.vae + self.ema + self.optimizer + self.batch
 
     @property
     def peak(self) -> int:
@@ -91,16 +92,18 @@ class TrainingEstimate:
 @dataclass
 class InferenceEstimate:
     """Bytes of sampling ``samples`` rows at a time; ``batch`` rows per network forward (doubled by
-    classifier-free guidance)."""
+    classifier-free guidance). A latent model then decodes them: sampling and decoding take turns."""
     samples: int
     batch: int
     weights: int
     inputs: int       # the condition and null condition, and the sampler's state (copies of x)
     activations: int  # the most one guided no_grad denoiser call holds at once
+    vae: int = 0      # a latent model's VAE weights
+    decode: int = 0   # the most decoding the samples' latents holds at once (the images included)
 
     @property
     def peak(self) -> int:
-        return self.weights + self.inputs + self.activations
+        return self.weights + self.vae + self.inputs + max(self.activations, self.decode)
 
 
 @dataclass
@@ -123,22 +126,25 @@ class MemoryPlan:
         """One dict per training variant and one for inference, sizes in MiB."""
         rows = [{"phase": "train" + (" *" if t.configured else ""), "precision": t.precision,
                  "checkpointing": "on" if t.checkpointing else "off", "batch": self.batch_size,
-                 "weights": t.weights, "ema": t.ema, "gradients": t.gradients, "optimizer": t.optimizer,
-                 "data": t.batch, "activations": t.activations, "peak": t.peak} for t in self.training]
+                 "weights": t.weights, "vae": t.vae, "ema": t.ema, "gradients": t.gradients,
+                 "optimizer": t.optimizer, "data": t.batch, "activations": t.activations, "decode": 0,
+                 "peak": t.peak} for t in self.training]
         i = self.inference
         doubled = f" x{i.batch // i.samples}" if i.batch != i.samples else ""  # guidance's cond + null rows
         rows.append({"phase": "sample", "precision": "fp32", "checkpointing": "-", "batch": f"{i.samples}{doubled}",
-                     "weights": i.weights, "ema": 0, "gradients": 0, "optimizer": 0, "data": i.inputs,
-                     "activations": i.activations, "peak": i.peak})
+                     "weights": i.weights, "vae": i.vae, "ema": 0, "gradients": 0, "optimizer": 0,
+                     "data": i.inputs, "activations": i.activations, "decode": i.decode, "peak": i.peak})
         return rows
 
-BYTE_COLUMNS = ("weights", "ema", "gradients", "optimizer", "data", "activations", "peak")
+BYTE_COLUMNS = ("weights", "vae", "ema", "gradients", "optimizer", "data", "activations", "decode", "peak")
 
 
 def format_plan(plan: MemoryPlan) -> str:
     """The plan as a text table (MiB), with a header line and the notes."""
-    columns = ["phase", "precision", "checkpointing", "batch", *BYTE_COLUMNS]
-    cells = [[f"{r[c] / MiB:.1f}" if c in BYTE_COLUMNS else str(r[c]) for c in columns] for r in plan.rows()]
+    rows = plan.rows()
+    columns = ["phase", "precision", "checkpointing", "batch",
+               *(c for c in BYTE_COLUMNS if c not in ("vae", "decode") or any(r[c] for r in rows))]
+    cells = [[f"{r[c] / MiB:.1f}" if c in BYTE_COLUMNS else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     head = (f"memory plan on {plan.device}: {plan.parameters:,} parameters, input {plan.shape}, "
             f"train batch {plan.batch_size} (micro-batch {plan.micro_batch}); MiB; * = the config's own setting")
@@ -155,7 +161,8 @@ class StorageTracker(TorchDispatchMode):
 
     Each storage is counted once however many views share it, from the op that created it until
     its Python object dies (torch keeps a storage's Python object alive exactly as long as the
-    storage). Pass what exists before to ``ignore`` (weights, the batch): an in-place op on a weight
+    storage); with ``device``, only storages on that device type count (a CUDA plan leaves out
+    host copies). Pass what exists before to ``ignore`` (weights, the batch): an in-place op on a weight
     returns the weight, which is not a new allocation, and ignored storages are never counted. The
     tracker holds the ignored tensors, so their storages, keyed by address, are never freed and
     their addresses never reused by an allocation that should count.
@@ -163,8 +170,9 @@ class StorageTracker(TorchDispatchMode):
     recovered afterwards (the gradients, known only once backward is done).
     """
 
-    def __init__(self, ignore=()):
+    def __init__(self, ignore=(), device: str | None = None):
         super().__init__()
+        self.device = device  # count only storages on this device type (None: all)
         self.ignored: set[int] = set()
         self._held: list[Tensor] = []
         self.ignore(ignore)
@@ -185,7 +193,7 @@ class StorageTracker(TorchDispatchMode):
     def _add(self, t: Tensor) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.live or key in self.ignored:
+        if key in self.live or key in self.ignored or (self.device and t.device.type != self.device):
             return
         nbytes = storage.nbytes()
         self._serial += 1
@@ -489,6 +497,25 @@ def simulate_inference(cfg: Config, samples: int, device: str = "cpu") -> dict:
         return {"peak": tracker.peak, "ops": tracker.ops}
 
 
+def simulate_decode(cfg: Config, samples: int, device: str = "cpu") -> dict:
+    """``decode_latents`` of ``samples`` latent rows by a VAE of ``model.vae``'s architecture, no_grad,
+    on fake tensors (in slices of ``DECODE_BATCH`` rows, as the pipeline decodes): the most it holds
+    on ``device`` at once, the decoded images included."""
+    from .latents import DECODE_BATCH, build_vae, decode_latents
+    from .train.build import vae_config
+
+    with _simulating("the VAE decode"), _fake_mode():
+        with torch.device(device):
+            vae = build_vae(vae_config(cfg.model.vae)).eval().requires_grad_(False)
+            z = torch.zeros(samples, *data_shape(cfg))
+        vae._checked_scaling = lambda: vae.scaling_factor  # from_latent's finiteness check needs a value
+        tracker = StorageTracker(ignore=[*vae.parameters(), *vae.buffers(), z], device=torch.device(device).type)
+        with tracker:
+            images = decode_latents(vae, z, DECODE_BATCH)
+            del images
+        return {"peak": tracker.peak, "ops": tracker.ops}
+
+
 @contextmanager
 def _simulating(what: str):
     """Turn a fake-tensor failure (an op fake tensors cannot run, a value the model needs) into a PlanError."""
@@ -558,7 +585,7 @@ def estimate_training(cfg: Config, batch: int, micro: int, precision: str, check
         precision=precision, checkpointing=checkpointing, weights=parameter_bytes(net), ema=ema_bytes(net),
         gradients=parameter_bytes(net), optimizer=optimizer_bytes(net), batch=batch_bytes(cfg, batch, micro),
         activations=sim["peak"] - sim["gradients_at_peak"], fwd_bwd_peak=sim["peak"],
-        configured=(precision, checkpointing) == (cfg.train.precision, cfg.model.checkpointing))
+        configured=(precision, checkpointing) == (cfg.train.precision, cfg.model.checkpointing), vae=vae_bytes(cfg))
     return est, sim["ops"]
 
 
@@ -579,10 +606,11 @@ def estimate_inference(cfg: Config, device: str = "cpu") -> tuple[InferenceEstim
         x, _, _, cond = random_batch(cfg, samples, "meta")
         null = random_cond(cfg, 1, "meta")
     sim = simulate_inference(cfg, samples, device)
+    decode = simulate_decode(cfg, samples, device) if cfg.model.vae else {"peak": 0, "ops": set()}
     inputs = SAMPLER_STATE_COPIES * storage_bytes([x]) + storage_bytes([*_cond_tensors(cond), *_cond_tensors(null)])
     est = InferenceEstimate(samples=samples, batch=inference_batch(cfg), weights=ema_bytes(net), inputs=inputs,
-                            activations=sim["peak"])
-    return est, sim["ops"]
+                            activations=sim["peak"], vae=vae_bytes(cfg), decode=decode["peak"])
+    return est, sim["ops"] | decode["ops"]
 
 
 def plan(cfg: Config, batch_size: int | None = None, device: str | None = None) -> MemoryPlan:
@@ -613,8 +641,10 @@ def plan(cfg: Config, batch_size: int | None = None, device: str | None = None) 
     if extras:
         notes.append(f"also in host memory, not in the peaks: {', '.join(extras)}")
     if cfg.model.vae:
-        notes.append(f"not in the peaks: the VAE's {_vae_bytes(cfg) / MiB:.1f} MiB of weights, held on the device "
-                     "while training and sampling, and the decoder's activations when the latents are decoded")
+        from .latents import DECODE_BATCH
+
+        notes.append(f"a latent model samples, then decodes the latents in slices of {DECODE_BATCH} rows: the "
+                     "sample row's peak counts the larger of its activations and its decode")
     missing = _missing_meta_kernels(ops | seen)
     if missing:
         notes.append(f"no meta kernel for {', '.join(missing)}: simulated through FakeTensorMode's fallback "
@@ -623,10 +653,13 @@ def plan(cfg: Config, batch_size: int | None = None, device: str | None = None) 
                       device=device, training=training, inference=inference, notes=notes)
 
 
-def _vae_bytes(cfg: Config) -> int:
+def vae_bytes(cfg: Config) -> int:
+    """A latent model's VAE weights and buffers (0 for a pixel model)."""
     from .latents import build_vae
     from .train.build import vae_config
 
+    if not cfg.model.vae:
+        return 0
     with torch.device("meta"):
         return storage_bytes(build_vae(vae_config(cfg.model.vae)).state_dict().values())
 
@@ -769,12 +802,15 @@ def _measure_cuda(state: _TrainState) -> dict:
 
 def measure_inference_peak(cfg: Config, steps: int = 3, device: str | None = None, seed: int = 0) -> dict:
     """Peak bytes of really sampling ``eval.batch_size`` rows for ``steps`` steps of ``eval.sampler``
-    through ``difflab.generate`` (classifier-free guidance at ``eval.guidance`` when conditional).
+    through ``difflab.generate`` (classifier-free guidance at ``eval.guidance`` when conditional),
+    then, for a latent model, decoding them with a VAE of ``model.vae``'s architecture (random weights).
 
-    Returns ``peak`` (weights, the conditions, and the most ``generate`` held at once) and
-    ``generate`` (that last part: sampler state and the network's activations).
+    Returns ``peak`` (weights, the conditions, and the most ``generate`` and the decode held at
+    once) and ``generate`` (that last part: sampler state, the network's activations, the decode).
     """
     from .generate import generate
+    from .latents import DECODE_BATCH, build_vae, decode_latents
+    from .train.build import vae_config
 
     if steps < 1:
         raise PlanError(f"expected steps >= 1, got {steps}")
@@ -784,12 +820,19 @@ def measure_inference_peak(cfg: Config, steps: int = 3, device: str | None = Non
     net = make_net(cfg, False).to(device).eval().requires_grad_(False)
     denoiser = build_denoiser(cfg, net)
     cond, null = random_cond(cfg, samples, device), random_cond(cfg, 1, device)
-    start = storage_bytes([*net.parameters(), *net.buffers(), *_cond_tensors(cond), *_cond_tensors(null)])
+    vae = None
+    if cfg.model.vae:
+        vae = build_vae(vae_config(cfg.model.vae)).to(device).eval().requires_grad_(False)
+        vae.scaling_factor.fill_(1.0)
+    start = storage_bytes([*net.parameters(), *net.buffers(), *_cond_tensors(cond), *_cond_tensors(null),
+                           *(() if vae is None else (*vae.parameters(), *vae.buffers()))])
 
     def run():
-        generate(denoiser, data_shape(cfg), samples, cond=cond, null_cond=null, sampler=e.sampler, steps=steps,
-                 guidance=e.guidance, guidance_rescale=e.guidance_rescale, seed=seed, batch_size=samples,
-                 device=device, progress=False)
+        z = generate(denoiser, data_shape(cfg), samples, cond=cond, null_cond=null, sampler=e.sampler, steps=steps,
+                     guidance=e.guidance, guidance_rescale=e.guidance_rescale, seed=seed, batch_size=samples,
+                     device=device, progress=False)
+        if vae is not None:
+            decode_latents(vae, z, DECODE_BATCH)
 
     if device == "cuda":
         torch.cuda.synchronize()
