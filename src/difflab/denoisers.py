@@ -75,7 +75,9 @@ class Denoiser(nn.Module):
         return self.schedule.c_noise(sigma)
 
     def _net(self, x: Tensor, sigma: Tensor, cond: Cond | None):
-        c_skip, c_out, c_in = (append_dims(c, x.ndim).to(x.dtype) for c in self.scalings(sigma))
+        # one stack, cast and reshape for the three (B,) coefficients: a sampler pays this per call
+        c = torch.stack(self.scalings(sigma)).to(x.dtype).reshape(3, len(x), *(1,) * (x.ndim - 1))
+        c_skip, c_out, c_in = c.unbind(0)
         out = self.net(x * c_in, self.c_noise(sigma).to(torch.float32), cond)
         return out, c_skip, c_out
 
@@ -83,7 +85,7 @@ class Denoiser(nn.Module):
         """x0_hat for a sigma-space input ``x = x0 + sigma n``."""
         sigma = batch_sigma(x, sigma)
         out, c_skip, c_out = self._net(x, sigma, cond)
-        return c_skip * x + c_out * out.to(x.dtype)
+        return torch.addcmul(c_skip * x, c_out, out.to(x.dtype))
 
     def loss_weight(self, sigma: Tensor, weighting: str = "uniform", min_snr_gamma: float = 5.0) -> Tensor:
         """Per-sample weight on the network-space loss.
