@@ -11,7 +11,9 @@ latents are cached before training, so the latent step does not run the VAE. Mod
 round-robin, ``--steps`` steps each per round, for ``--rounds`` rounds; the table gives the median
 seconds per step, and the floating-point work of one step (convolutions and matrix products,
 forward and backward, counted by ``torch.utils.flop_counter``): the FLOP ratio is the speed-up a
-step could reach if both models ran at the same FLOP rate. The cross-attention K/V projections of
+step could reach if both models ran at the same FLOP rate (attention kernels are not counted:
+torch's counter has no CPU formula for them; the pixel models' self-attention would raise their
+FLOPs a little more). The cross-attention K/V projections of
 the 384-d text context cost the same at every resolution, so 4x fewer positions give less than 4x
 fewer FLOPs.
 

@@ -112,8 +112,8 @@ def fmt(v):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--problem", choices=("mixture", "spectral"), default="spectral",
-                   help="mixture: GaussianMixture.default(dim), four isotropic blobs; spectral: "
-                        "GaussianMixture.spectral(dim), an image-like 1/f Gaussian")
+                   help="spectral: GaussianMixture.spectral(dim, components), image-like 1/f Gaussians; "
+                        "mixture: GaussianMixture.default(dim), four isotropic blobs")
     p.add_argument("--dim", type=int, default=None, help="data dimension (default 3 for mixture, 64 for spectral)")
     p.add_argument("--components", type=int, default=16,
                    help="spectral only: mixture components, means drawn from the same 1/f spectrum")
@@ -236,7 +236,8 @@ def main():
         print("WARNING:", s)
     elapsed = time.perf_counter() - t_start
     print(f"elapsed {elapsed:.1f}s (reference {t_ref:.1f}s)")
-    name = f"sampler_error_{args.problem}" + (f"_k{args.components}" if args.components > 1 else "")
+    several = args.problem == "spectral" and args.components > 1
+    name = f"sampler_error_{args.problem}" + (f"_k{args.components}" if several else "")
     path = write_results(__file__, name=name, payload={
         "problem": {"mixture": problem, "dtype": "float64", "sigma_min": smin,
                     "sigma_max": smax, "schedule": "linear(1000)", "samples": args.samples,

@@ -112,6 +112,7 @@ def test_format_marks_the_configs_own_setting(tiny_cfg):
     starred = [line for line in text.splitlines() if "train *" in line]
     assert len(starred) == 1 and "bf16" in starred[0] and " on " in starred[0]
     assert len(plan.rows()) == 5 and "sample" in text
+    assert " vae " not in text and " decode " not in text  # a pixel model has neither column
 
 
 def test_bad_inputs_give_clear_errors(tiny_cfg):

@@ -117,3 +117,22 @@ def test_cli_sampler_options_reach_the_sampler_and_unknown_ones_are_refused(run_
     err = capsys.readouterr().err
     assert "no option 'corrector'" in err and "taylor_d2" in err
     assert main(args + ["--option", "taylor_d2", "--out", str(tmp_path / "c.png")]) == 2
+    assert main(args + ["--option", "taylor_d2=maybe", "--out", str(tmp_path / "c.png")]) == 2
+    assert "expected bool" in capsys.readouterr().err
+    unipc = ["sample", "--run", str(run_dir), "--n", "2", "--sampler", "unipc", "--steps", "6", "--quiet"]
+    assert main(unipc + ["--out", str(tmp_path / "u.png")]) == 0
+    assert main(unipc + ["--option", "corrector=false", "--out", str(tmp_path / "p.png")]) == 0
+    u, p = (np.load(tmp_path / f"{k}.npz")["images"] for k in "up")
+    assert np.abs(u - p).max() > 1e-6
+
+
+def test_sampler_options_are_typed_by_the_defaults():
+    from difflab.samplers import check_options
+
+    assert check_options("ddim", {"eta": "1e-3"}) == {"eta": 1e-3}  # YAML reads 1e-3 as a string
+    assert check_options("heun", {"s_churn": 40, "s_tmax": "inf"}) == {"s_churn": 40.0, "s_tmax": float("inf")}
+    assert check_options("euler", {"callback": print}) == {"callback": print}  # passed along to the sampler
+    for name, options, match in [("ddim", {"eta": "abc"}, "expected float"), ("unipc", {"order": 3.0}, "expected int"),
+                                 ("unipc", {"corrector": 0}, "expected bool"), ("euler", {"noise": None}, "no option")]:
+        with pytest.raises(ValueError, match=match):
+            check_options(name, options)

@@ -81,6 +81,7 @@ def _eval(args) -> None:
 
 
 def _sample(args) -> None:
+    from .config import parse_overrides
     from .pipelines import load, save_samples
 
     pipe = load(args.run, weights=args.weights)
@@ -89,7 +90,7 @@ def _sample(args) -> None:
         labels = labels * args.n
     if labels is not None and len(labels) != args.n:
         raise ValueError(f"--labels gives {len(labels)} labels for --n {args.n}")
-    kwargs = dict(_option(o) for o in args.option)
+    kwargs = parse_overrides(args.option)  # key=value, values read as YAML; typed by the sampler
     if args.eta is not None:
         kwargs["eta"] = args.eta
     prompt = None if args.prompt is None else (args.prompt.split("|") if "|" in args.prompt else args.prompt)
@@ -110,24 +111,14 @@ def _fid_stats(args) -> None:
     print(f"wrote {args.out} ({meta['extractor']} features of {meta['n']} images)")
 
 
-def _option(text: str) -> tuple[str, object]:
-    """``--option key=value``: the value read as YAML (true, 40, 0.5, bh1)."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--option takes key=value (e.g. taylor_d2=true), got {text!r}")
-    return key.strip(), yaml.safe_load(value)
-
-
 def _samplers(args) -> None:
     from .samplers import SAMPLERS
 
     print(f"{'name':<20}{'NFE/step':>9}{'order':>7}  stochastic")
     for name, info in sorted(SAMPLERS.items()):
         print(f"{name:<20}{info.nfe_per_step:>9}{info.order:>7}  {'yes' if info.stochastic else 'no'}")
-    print("\norder: the convergence order with the defaults.\n"
-          "  dpmpp_3m, dpmpp_3m_sde: the references' 3M, second order; taylor_d2=True makes it third order.\n"
+    print("\norder: of the default formula as an ODE solver (eta = 0 for the stochastic ones).\n"
+          "  dpmpp_3m: the references' 3M, second order; taylor_d2=True makes it third order.\n"
           "  unipc: UniP-3 with the UniC corrector; corrector=False gives order 3.")
 
 

@@ -69,6 +69,7 @@ class Denoiser(nn.Module):
         self.schedule = schedule
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in), each a (B,) float64 tensor like ``sigma``."""
         raise NotImplementedError
 
     def c_noise(self, sigma: Tensor) -> Tensor:

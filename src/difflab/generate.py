@@ -33,7 +33,7 @@ def generate(denoiser, shape, n: int, *, cond: Cond | None = None, null_cond: Co
     samples k .. k + n - 1 of the seed's stream (shards of one run).
     """
     info = sampler_info(sampler)
-    check_options(sampler, sampler_kwargs)
+    sampler_kwargs = check_options(sampler, sampler_kwargs)
     sigmas = denoiser.schedule.sigmas(steps, spacing)
     if device is None:
         params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []

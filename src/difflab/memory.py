@@ -172,7 +172,7 @@ class StorageTracker(TorchDispatchMode):
 
     def __init__(self, ignore=(), device: str | None = None):
         super().__init__()
-        self.device = device  # count only storages on this device type (None: all)
+        self.device = None if device is None else torch.device(device).type  # None: every device
         self.ignored: set[int] = set()
         self._held: list[Tensor] = []
         self.ignore(ignore)
@@ -498,10 +498,10 @@ def simulate_inference(cfg: Config, samples: int, device: str = "cpu") -> dict:
 
 
 def simulate_decode(cfg: Config, samples: int, device: str = "cpu") -> dict:
-    """``decode_latents`` of ``samples`` latent rows by a VAE of ``model.vae``'s architecture, no_grad,
-    on fake tensors (in slices of ``DECODE_BATCH`` rows, as the pipeline decodes): the most it holds
+    """``decode_latents`` of ``samples`` latent rows in one slice (the pipeline decodes in the batches
+    it sampled) by a VAE of ``model.vae``'s architecture, no_grad, on fake tensors: the most it holds
     on ``device`` at once, the decoded images included."""
-    from .latents import DECODE_BATCH, build_vae, decode_latents
+    from .latents import build_vae, decode_latents
     from .train.build import vae_config
 
     with _simulating("the VAE decode"), _fake_mode():
@@ -509,9 +509,9 @@ def simulate_decode(cfg: Config, samples: int, device: str = "cpu") -> dict:
             vae = build_vae(vae_config(cfg.model.vae)).eval().requires_grad_(False)
             z = torch.zeros(samples, *data_shape(cfg))
         vae._checked_scaling = lambda: vae.scaling_factor  # from_latent's finiteness check needs a value
-        tracker = StorageTracker(ignore=[*vae.parameters(), *vae.buffers(), z], device=torch.device(device).type)
+        tracker = StorageTracker(ignore=[*vae.parameters(), *vae.buffers(), z], device=device)
         with tracker:
-            images = decode_latents(vae, z, DECODE_BATCH)
+            images = decode_latents(vae, z, samples)
             del images
         return {"peak": tracker.peak, "ops": tracker.ops}
 
@@ -641,16 +641,27 @@ def plan(cfg: Config, batch_size: int | None = None, device: str | None = None) 
     if extras:
         notes.append(f"also in host memory, not in the peaks: {', '.join(extras)}")
     if cfg.model.vae:
-        from .latents import DECODE_BATCH
-
-        notes.append(f"a latent model samples, then decodes the latents in slices of {DECODE_BATCH} rows: the "
-                     "sample row's peak counts the larger of its activations and its decode")
+        notes.append("a latent model samples a batch, then decodes it: the sample row's peak counts the larger "
+                     "of its activations and its decode")
     missing = _missing_meta_kernels(ops | seen)
     if missing:
         notes.append(f"no meta kernel for {', '.join(missing)}: simulated through FakeTensorMode's fallback "
                      "(the real kernel on zeros), so their outputs are counted but their workspaces not")
     return MemoryPlan(shape=data_shape(cfg), batch_size=batch, micro_batch=micro, parameters=n_params,
                       device=device, training=training, inference=inference, notes=notes)
+
+
+def random_vae(cfg: Config, device="cpu"):
+    """A frozen VAE of ``model.vae``'s architecture with random weights and scaling factor 1, for
+    measuring (None for a pixel model)."""
+    from .latents import build_vae
+    from .train.build import vae_config
+
+    if not cfg.model.vae:
+        return None
+    vae = build_vae(vae_config(cfg.model.vae)).to(device).eval().requires_grad_(False)
+    vae.scaling_factor.fill_(1.0)
+    return vae
 
 
 def vae_bytes(cfg: Config) -> int:
@@ -669,7 +680,8 @@ def vae_bytes(cfg: Config) -> int:
 def measure_training_peak(cfg: Config, batch_size: int | None = None, steps: int = 2, *,
                           precision: str | None = None, checkpointing: bool | None = None,
                           device: str | None = None, seed: int = 0) -> dict:
-    """Peak bytes of real training steps, as the trainer runs them (AdamW, EMA, autocast, clipping).
+    """Peak bytes of real training steps, as the trainer runs them (AdamW, EMA, autocast, clipping,
+    and for a latent model a VAE of ``model.vae``'s architecture held on the device).
 
     One warm-up step creates the optimizer states and gradients, then ``steps`` steps are measured.
     Returns bytes: ``peak`` (the most live at once, counting everything the step holds: weights,
@@ -699,6 +711,7 @@ class _TrainState:
         from .train.ema import EMA
 
         self.cfg, self.batch, self.micro, self.precision, self.device = cfg, batch, micro, precision, device
+        self.vae = random_vae(cfg, device)  # a latent model's trainer holds its VAE on the device
         self.net = make_net(cfg, checkpointing).to(device).train()
         self.ema = EMA(self.net)
         self.denoiser = build_denoiser(cfg, self.net)
@@ -709,7 +722,8 @@ class _TrainState:
         opt_states = [v for s in self.opt.state.values() for v in s.values() if isinstance(v, Tensor)]
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         ema = [*self.ema.model.parameters(), *self.ema.model.buffers()]
-        return [*self.net.parameters(), *self.net.buffers(), *ema, *opt_states, *grads]
+        vae = [] if self.vae is None else [*self.vae.parameters(), *self.vae.buffers()]
+        return [*self.net.parameters(), *self.net.buffers(), *ema, *opt_states, *grads, *vae]
 
     def step(self, marker=lambda name: nullcontext()) -> None:
         t = self.cfg.train
@@ -809,8 +823,7 @@ def measure_inference_peak(cfg: Config, steps: int = 3, device: str | None = Non
     once) and ``generate`` (that last part: sampler state, the network's activations, the decode).
     """
     from .generate import generate
-    from .latents import DECODE_BATCH, build_vae, decode_latents
-    from .train.build import vae_config
+    from .latents import decode_latents
 
     if steps < 1:
         raise PlanError(f"expected steps >= 1, got {steps}")
@@ -820,10 +833,7 @@ def measure_inference_peak(cfg: Config, steps: int = 3, device: str | None = Non
     net = make_net(cfg, False).to(device).eval().requires_grad_(False)
     denoiser = build_denoiser(cfg, net)
     cond, null = random_cond(cfg, samples, device), random_cond(cfg, 1, device)
-    vae = None
-    if cfg.model.vae:
-        vae = build_vae(vae_config(cfg.model.vae)).to(device).eval().requires_grad_(False)
-        vae.scaling_factor.fill_(1.0)
+    vae = random_vae(cfg, device)
     start = storage_bytes([*net.parameters(), *net.buffers(), *_cond_tensors(cond), *_cond_tensors(null),
                            *(() if vae is None else (*vae.parameters(), *vae.buffers()))])
 
@@ -832,7 +842,7 @@ def measure_inference_peak(cfg: Config, steps: int = 3, device: str | None = Non
                      guidance=e.guidance, guidance_rescale=e.guidance_rescale, seed=seed, batch_size=samples,
                      device=device, progress=False)
         if vae is not None:
-            decode_latents(vae, z, DECODE_BATCH)
+            decode_latents(vae, z, samples)
 
     if device == "cuda":
         torch.cuda.synchronize()

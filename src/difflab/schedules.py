@@ -184,7 +184,8 @@ class DiscreteVP(NoiseSchedule):
         # np.interp is the piecewise-linear map log sigma -> index, clamped at both ends, and on a
         # (B,) vector it costs a few microseconds where the torch equivalent costs ~30.
         s = _f64(sigma)
-        t = np.interp(np.log(s.cpu().numpy()), self._log_sigmas_np, self._timesteps_np)
+        with np.errstate(divide="ignore"):  # sigma = 0 maps to t = 0, as torch.log's -inf did
+            t = np.interp(np.log(s.cpu().numpy()), self._log_sigmas_np, self._timesteps_np)
         return torch.from_numpy(np.asarray(t, dtype=np.float64)).reshape(s.shape).to(s.device)
 
     def sample_sigma(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -22,7 +22,7 @@ from .sampling import (ancestral_step, sample_ddim, sample_ddpm, sample_euler, s
 class SamplerInfo:
     fn: Callable
     nfe_per_step: int
-    order: int  # measured convergence order with the default options (tests/test_sampler_convergence.py)
+    order: int  # the ODE order of the default formula (eta = 0); tests/test_sampler_convergence.py measures it
     stochastic: bool
     brownian: bool = False  # draws its noise from a Brownian tree by default
 
@@ -44,7 +44,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, 2, 2, True, brownian=True),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, 1, 2, True, brownian=True),
     "dpmpp_3m_sde": SamplerInfo(sample_dpmpp_3m_sde, 1, 2, True, brownian=True),
-    "unipc": SamplerInfo(sample_unipc, 1, 4, False),  # UniP-3 + UniC: p + 1; corrector=False gives 3
+    # UniP-3 + UniC: p + 1 (fit 4.1 over NFE 12-192; grids ending at sigma_min > 0 end on a UniP-1 step,
+    # which lowers the order past NFE ~100); corrector=False gives 3
+    "unipc": SamplerInfo(sample_unipc, 1, 4, False),
 }
 
 
@@ -58,17 +60,32 @@ def sampler_info(name: str) -> SamplerInfo:
     return SAMPLERS[name]
 
 
-SHARED_KEYWORDS = ("noise", "callback", "progress")  # every sampler's; callers of a registry name pass these
+CALLER_KEYWORDS = ("noise", "progress")  # what ``difflab.generate`` passes every sampler itself
 
 
-def check_options(name: str, options: dict) -> None:
-    """Raise a ValueError naming the valid options if ``options`` has one sampler ``name`` does not take."""
+def check_options(name: str, options: dict) -> dict:
+    """``options`` for sampler ``name``, checked against its keyword arguments and their defaults'
+    types (an int or a numeric string becomes a float where the default is a float); a ValueError
+    names the valid options or the expected type."""
     params = inspect.signature(sampler_info(name).fn).parameters
-    valid = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in SHARED_KEYWORDS]
-    unknown = sorted(set(options) - set(valid))
+    defaults = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in CALLER_KEYWORDS}
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options: {', '.join(valid) or 'none'}")
+                         f"its options: {', '.join(defaults) or 'none'}")
+    return {k: _option_value(name, k, v, defaults[k]) for k, v in options.items()}
+
+
+def _option_value(name: str, key: str, value, default):
+    if default is None or ((type(value) is bool) == (type(default) is bool) and isinstance(value, type(default))):
+        return value
+    if isinstance(default, float) and type(value) is not bool:
+        try:
+            return float(value)  # YAML reads 1e-3 and inf as strings
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"expected {type(default).__name__} for sampler {name!r} option {key!r} "
+                     f"(default {default!r}), got {value!r}")
 
 
 __all__ = ["SAMPLERS", "BrownianNoise", "SamplerInfo", "SeededNoise", "ancestral_step", "check_options",

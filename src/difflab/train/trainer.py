@@ -116,6 +116,10 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.micro = _check_batch(cfg, self.dist)
+        try:  # an autocast the device cannot run fails here, before any data is loaded or encoded
+            autocast(self.device.type, cfg.train.precision)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
         self.run = Path(cfg.out)
         self.resuming = resume
         if resume:
