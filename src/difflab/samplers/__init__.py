@@ -44,8 +44,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, 2, 2, True, brownian=True),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, 1, 2, True, brownian=True),
     "dpmpp_3m_sde": SamplerInfo(sample_dpmpp_3m_sde, 1, 2, True, brownian=True),
-    # UniP-3 + UniC: p + 1 (fit 4.1 over NFE 12-192; grids ending at sigma_min > 0 end on a UniP-1 step,
-    # which lowers the order past NFE ~100); corrector=False gives 3
+    # UniP-3 + UniC: p + 1 (fit 4.1 over NFE 12-192); corrector=False gives 3
     "unipc": SamplerInfo(sample_unipc, 1, 4, False),
 }
 
