@@ -72,11 +72,8 @@ def encode_images(vae: AutoencoderKL, images: Tensor, batch_size: int = 256, pro
                       for i in tqdm(chunks, disable=not progress, desc="encode latents")])
 
 
-DECODE_BATCH = 256  # latent rows per decoder call: bounded decoder memory
-
-
 @torch.no_grad()
-def decode_latents(vae: AutoencoderKL, z: Tensor, batch_size: int = DECODE_BATCH) -> Tensor:
+def decode_latents(vae: AutoencoderKL, z: Tensor, batch_size: int = 256) -> Tensor:
     """Images (on the CPU) from scaled latents ``z``, decoded in slices of ``batch_size`` rows on the
     VAE's device (bounded decoder memory)."""
     device = vae.scaling_factor.device

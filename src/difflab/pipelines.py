@@ -54,11 +54,11 @@ class Pipeline:
         """The (C, H, W) the denoiser generates: the images, or their VAE latents."""
         return data_shape(self.cfg)
 
-    def decode(self, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Images from generated latents, in slices of ``batch_size`` (default ``DECODE_BATCH``, 256)."""
-        from .latents import DECODE_BATCH, decode_latents
+    def decode(self, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Images from generated latents, in slices of ``batch_size`` (bounded decoder memory)."""
+        from .latents import decode_latents
 
-        return z if self.vae is None else decode_latents(self.vae, z, batch_size or DECODE_BATCH)
+        return z if self.vae is None else decode_latents(self.vae, z, batch_size)
 
     def conds(self, n: int, labels=None, prompt=None, negative_prompt: str | None = None):
         """(cond, null_cond) for ``n`` samples: class labels (cycling through the classes by
