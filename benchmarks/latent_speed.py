@@ -17,7 +17,10 @@ FLOPs a little more). The cross-attention K/V projections of
 the 384-d text context cost the same at every resolution, so 4x fewer positions give less than 4x
 fewer FLOPs.
 
-    python benchmarks/latent_speed.py [--rounds 5] [--steps 5] [--threads 2]
+``--channels`` widens all three U-Nets alike (base width; the configs' is 32): the fixed K/V cost
+then weighs less against the convolutions, which grow with the square of the width.
+
+    python benchmarks/latent_speed.py [--rounds 5] [--steps 5] [--threads 2] [--channels 32]
 """
 from __future__ import annotations
 
@@ -100,9 +103,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--channels", type=int, default=None, help="U-Net base width (default: the configs')")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = load_config(ROOT / "configs" / "shapes-latent.yaml", ["model.vae="])  # the U-Net alone
+    width = [f"model.channels={args.channels}"] if args.channels else []
+    cfg = load_config(ROOT / "configs" / "shapes-latent.yaml", ["model.vae=", *width])  # the U-Net alone
     conditioner, batch_labels = text_conditions(cfg)
     steps = {name: make_step(cfg, c, s, args.batch, conditioner, batch_labels) for name, c, s in CASES}
     times = {name: [] for name in steps}
@@ -121,11 +126,13 @@ def main(argv=None):
              "GFLOP/s": f"{flops[name] / 1e9 / statistics.median(t):.0f}"} for name, t in times.items()]
     print(table(rows, list(rows[0])))
     path = write_results(__file__, {"batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
+                                    "threads": args.threads, "channels": cfg.model.channels,
                                     "seconds_per_step": times,
                                     "median": {k: statistics.median(v) for k, v in times.items()},
                                     "speedup_vs_latent": {k: statistics.median(v) / latent for k, v in times.items()},
                                     "flops_per_step": flops,
-                                    "flop_ratio_vs_latent": {k: f / latent_flops for k, f in flops.items()}})
+                                    "flop_ratio_vs_latent": {k: f / latent_flops for k, f in flops.items()}},
+                         name=f"latent_speed-c{args.channels}" if args.channels else None)
     print(f"wrote {path}")
 
 
