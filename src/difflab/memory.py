@@ -489,8 +489,7 @@ def simulate_inference(cfg: Config, samples: int, device: str = "cpu") -> dict:
             net = make_net(cfg, False).eval().requires_grad_(False)
         model, null = sampling_denoiser(cfg, _simulation_denoiser(cfg, net), device)
         x, sigma, _, cond = random_batch(cfg, samples, device)
-        tracker = StorageTracker(ignore=[*net.parameters(), *net.buffers(), x, sigma,
-                                         *_cond_tensors(cond), *_cond_tensors(null)])
+        tracker = StorageTracker(ignore=[*module_tensors(net), x, sigma, *_cond_tensors(cond), *_cond_tensors(null)])
         with tracker, torch.no_grad():
             out = model(x, sigma, cond)
             del out
@@ -501,15 +500,12 @@ def simulate_decode(cfg: Config, samples: int, device: str = "cpu") -> dict:
     """``decode_latents`` of ``samples`` latent rows in one slice (the pipeline decodes in the batches
     it sampled) by a VAE of ``model.vae``'s architecture, no_grad, on fake tensors: the most it holds
     on ``device`` at once, the decoded images included."""
-    from .latents import build_vae, decode_latents
-    from .train.build import vae_config
+    from .latents import decode_latents
 
     with _simulating("the VAE decode"), _fake_mode():
-        with torch.device(device):
-            vae = build_vae(vae_config(cfg.model.vae)).eval().requires_grad_(False)
-            z = torch.zeros(samples, *data_shape(cfg))
+        vae, z = random_vae(cfg, device), torch.zeros(samples, *data_shape(cfg), device=device)
         vae._checked_scaling = lambda: vae.scaling_factor  # from_latent's finiteness check needs a value
-        tracker = StorageTracker(ignore=[*vae.parameters(), *vae.buffers(), z], device=device)
+        tracker = StorageTracker(ignore=[*module_tensors(vae), z], device=device)
         with tracker:
             images = decode_latents(vae, z, samples)
             del images
@@ -652,27 +648,27 @@ def plan(cfg: Config, batch_size: int | None = None, device: str | None = None) 
 
 
 def random_vae(cfg: Config, device="cpu"):
-    """A frozen VAE of ``model.vae``'s architecture with random weights and scaling factor 1, for
-    measuring (None for a pixel model)."""
+    """A frozen VAE of ``model.vae``'s architecture built on ``device`` (meta and fake tensors too)
+    with random weights and scaling factor 1, for planning and measuring (None for a pixel model)."""
     from .latents import build_vae
     from .train.build import vae_config
 
     if not cfg.model.vae:
         return None
-    vae = build_vae(vae_config(cfg.model.vae)).to(device).eval().requires_grad_(False)
+    with torch.device(device):
+        vae = build_vae(vae_config(cfg.model.vae)).eval().requires_grad_(False)
     vae.scaling_factor.fill_(1.0)
     return vae
 
 
+def module_tensors(module) -> list[Tensor]:
+    """A module's parameters and buffers ([] for None)."""
+    return [] if module is None else [*module.parameters(), *module.buffers()]
+
+
 def vae_bytes(cfg: Config) -> int:
     """A latent model's VAE weights and buffers (0 for a pixel model)."""
-    from .latents import build_vae
-    from .train.build import vae_config
-
-    if not cfg.model.vae:
-        return 0
-    with torch.device("meta"):
-        return storage_bytes(build_vae(vae_config(cfg.model.vae)).state_dict().values())
+    return storage_bytes(module_tensors(random_vae(cfg, "meta")))
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -721,9 +717,8 @@ class _TrainState:
         """What a step starts with: weights, EMA, optimizer states, the last step's gradients."""
         opt_states = [v for s in self.opt.state.values() for v in s.values() if isinstance(v, Tensor)]
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        ema = [*self.ema.model.parameters(), *self.ema.model.buffers()]
-        vae = [] if self.vae is None else [*self.vae.parameters(), *self.vae.buffers()]
-        return [*self.net.parameters(), *self.net.buffers(), *ema, *opt_states, *grads, *vae]
+        return [*module_tensors(self.net), *module_tensors(self.ema.model), *opt_states, *grads,
+                *module_tensors(self.vae)]
 
     def step(self, marker=lambda name: nullcontext()) -> None:
         t = self.cfg.train
@@ -834,8 +829,7 @@ def measure_inference_peak(cfg: Config, steps: int = 3, device: str | None = Non
     denoiser = build_denoiser(cfg, net)
     cond, null = random_cond(cfg, samples, device), random_cond(cfg, 1, device)
     vae = random_vae(cfg, device)
-    start = storage_bytes([*net.parameters(), *net.buffers(), *_cond_tensors(cond), *_cond_tensors(null),
-                           *(() if vae is None else (*vae.parameters(), *vae.buffers()))])
+    start = storage_bytes([*module_tensors(net), *_cond_tensors(cond), *_cond_tensors(null), *module_tensors(vae)])
 
     def run():
         z = generate(denoiser, data_shape(cfg), samples, cond=cond, null_cond=null, sampler=e.sampler, steps=steps,
