@@ -1,24 +1,23 @@
 """Training-step time of latent vs pixel diffusion at equal U-Net width (issue: latent diffusion).
 
-Three text-conditional U-Nets with the widths, blocks and attention of ``configs/shapes-text.yaml``:
-  - latent 8x8x4: the model of ``configs/shapes-latent.yaml`` (VAE latents of 32x32 images);
-  - pixel 16x16x3: the pixel model of the conditioning issue (``configs/shapes-text.yaml``);
-  - pixel 32x32x3: a pixel model for the latent model's output resolution.
+Three text-conditional U-Nets, each built from its config:
+  - latent 8x8x4: ``configs/shapes-latent.yaml`` (VAE latents of 32x32 images): widths 32 and 64,
+    attention at its 4x4 bottom;
+  - pixel 16x16x3: the pixel model of the conditioning issue (``configs/shapes-text.yaml``): widths
+    32, 64 and 64, attention at 8x8 and at its 4x4 bottom;
+  - pixel 32x32x3: ``configs/shapes-text.yaml`` at ``data.image_size=32``, the latent model's output size.
 Each step is what the trainer does: look up the text condition of 96 captions of the shapes world
 in the MiniLM embedding table (10% dropped to the empty prompt, padding cut to the batch's longest
-caption), EDM loss on random data of the model's shape, backward, gradient clipping, the trainer's fused AdamW. The
-latents are cached before training, so the latent step does not run the VAE. Models are timed
-round-robin, ``--steps`` steps each per round, for ``--rounds`` rounds; the table gives the median
-seconds per step, and the floating-point work of one step (convolutions and matrix products,
+caption), EDM loss on random data of the model's shape, backward, gradient clipping, the trainer's
+fused AdamW. The latents are cached before training, so the latent step does not run the VAE. Models
+are timed round-robin, ``--steps`` steps each per round, for ``--rounds`` rounds; the table gives the
+median seconds per step, and the floating-point work of one step (convolutions and matrix products,
 forward and backward, counted by ``torch.utils.flop_counter``): the FLOP ratio is the speed-up a
 step could reach if both models ran at the same FLOP rate (attention kernels are not counted:
-torch's counter has no CPU formula for them; the pixel models' self-attention would raise their
-FLOPs a little more). The cross-attention K/V projections of
-the 384-d text context cost the same at every resolution, so 4x fewer positions give less than 4x
-fewer FLOPs.
+torch's counter has no CPU formula for them). The cross-attention K/V projections of the 384-d text
+context cost the same at every resolution, so fewer positions give fewer FLOPs less than in proportion.
 
-``--channels`` widens all three U-Nets alike (base width; the configs' is 32): the fixed K/V cost
-then weighs less against the convolutions, which grow with the square of the width.
+``--channels`` widens all three U-Nets alike (base width; the configs' is 32).
 
     python benchmarks/latent_speed.py [--rounds 5] [--steps 5] [--threads 2] [--channels 32]
 """
@@ -41,8 +40,9 @@ from difflab.train.trainer import batch_indices  # noqa: E402
 from difflab.nn import UNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [("latent 8x8x4 (32x32 images)", 4, 8), ("pixel 16x16x3 (conditioning issue)", 3, 16),
-         ("pixel 32x32x3 (same output size)", 3, 32)]
+CASES = [("latent 8x8x4 (32x32 images)", "shapes-latent.yaml", ["model.vae="], 4, 8),  # the U-Net alone
+         ("pixel 16x16x3 (conditioning issue)", "shapes-text.yaml", [], 3, 16),
+         ("pixel 32x32x3 (same output size)", "shapes-text.yaml", ["data.image_size=32"], 3, 32)]
 
 
 def text_conditions(cfg):
@@ -88,6 +88,10 @@ def make_step(cfg, channels: int, size: int, batch: int, conditioner, batch_labe
     return step, sum(p.numel() for p in net.parameters())
 
 
+def unet_shape(cfg) -> dict:
+    return {k: getattr(cfg.model, k) for k in ("channels", "channel_mult", "attn_levels")}
+
+
 def step_flops(step) -> int:
     """Convolution and matmul FLOPs of one step (attention kernels are not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -107,9 +111,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     width = [f"model.channels={args.channels}"] if args.channels else []
-    cfg = load_config(ROOT / "configs" / "shapes-latent.yaml", ["model.vae=", *width])  # the U-Net alone
-    conditioner, batch_labels = text_conditions(cfg)
-    steps = {name: make_step(cfg, c, s, args.batch, conditioner, batch_labels) for name, c, s in CASES}
+    configs = {name: load_config(ROOT / "configs" / file, [*overrides, *width])
+               for name, file, overrides, *_ in CASES}
+    conditioner, batch_labels = text_conditions(configs[CASES[0][0]])  # one caption table: the same for all three
+    steps = {name: make_step(configs[name], c, s, args.batch, conditioner, batch_labels)
+             for name, _, _, c, s in CASES}
     times = {name: [] for name in steps}
     flops = {name: step_flops(step) for name, (step, _) in steps.items()}  # also the warm-up
     for _ in range(args.rounds):
@@ -126,7 +132,8 @@ def main(argv=None):
              "GFLOP/s": f"{flops[name] / 1e9 / statistics.median(t):.0f}"} for name, t in times.items()]
     print(table(rows, list(rows[0])))
     path = write_results(__file__, {"batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
-                                    "threads": args.threads, "channels": cfg.model.channels,
+                                    "threads": args.threads,
+                                    "unets": {name: unet_shape(c) for name, c in configs.items()},
                                     "seconds_per_step": times,
                                     "median": {k: statistics.median(v) for k, v in times.items()},
                                     "speedup_vs_latent": {k: statistics.median(v) / latent for k, v in times.items()},
