@@ -15,7 +15,7 @@ median seconds per step, and the floating-point work of one step (convolutions a
 forward and backward, counted by ``torch.utils.flop_counter``): the FLOP ratio is the speed-up a
 step could reach if both models ran at the same FLOP rate (attention kernels are not counted:
 torch's counter has no CPU formula for them). The cross-attention K/V projections of the 384-d text
-context cost the same at every resolution, so fewer positions give fewer FLOPs less than in proportion.
+context cost the same at every resolution, so the FLOPs fall less than the number of positions.
 
 ``--channels`` widens all three U-Nets alike (base width; the configs' is 32).
 
