@@ -29,15 +29,16 @@ from _common import table, write_results  # noqa: E402
 
 import difflab  # noqa: E402
 from difflab import Cond  # noqa: E402
-from difflab.classifier import (ClassifierGuidance, load_classifier, noisy_accuracy, save_classifier,  # noqa: E402
-                                train_noisy_classifier)
+from difflab.guidance import ClassifierGuidance  # noqa: E402
+from difflab.train.classifier import (load_classifier, noisy_accuracy, save_classifier,  # noqa: E402
+                                      train_noisy_classifier)
 from difflab.config import load_config  # noqa: E402
 from difflab.data import load_digits  # noqa: E402
 from difflab.generate import sample_seeds  # noqa: E402
 from difflab.metrics.digits import DigitsEvaluator  # noqa: E402
 from difflab.samplers import SeededNoise, sampler_info  # noqa: E402
 from difflab.train import build_schedule, train  # noqa: E402
-from difflab.train import checkpoint as ckpt  # noqa: E402
+from difflab import runs as ckpt  # noqa: E402
 
 PROBE_SIGMAS = (0.02, 0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
 

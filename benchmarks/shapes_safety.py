@@ -4,7 +4,7 @@ Acceptance (spec Q37): with "red" banned, the rate of generated images that cont
 object, for prompts that ask for one ("a red circle", ...), falls >= 5x while shape accuracy for
 those prompts stays within 10 points of unguided sampling. Two kinds of guidance, no retraining:
 
-(a) classifier: a noise-aware policy classifier (``difflab.classifier``), trained on renders with
+(a) classifier: a noise-aware policy classifier (``difflab.nn.classifier``, trained by ``difflab.train.classifier``), trained on renders with
     the model's own noise-level distribution, pushes each step toward p(safe | x_sigma):
     ClassifierGuidance(target = safe) around the classifier-free-guided model. Two policies:
     "2-class" (contains red / not), whose cheapest safe image is an empty one, and "3-class"
@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results  # noqa: E402
 
 import difflab  # noqa: E402
-from difflab.classifier import ClassifierGuidance, load_classifier, save_classifier, train_noisy_classifier  # noqa: E402
+from difflab.guidance import ClassifierGuidance  # noqa: E402
+from difflab.train.classifier import load_classifier, save_classifier, train_noisy_classifier  # noqa: E402
 from difflab.data.shapes import BACKGROUND_RGB, COLOURS, SHAPES, ShapesWorld, prompt  # noqa: E402
+from difflab.generate import SamplingSettings, generate  # noqa: E402
 from difflab.guidance import ClassifierFreeGuidance, SafeGuidance  # noqa: E402
 from difflab.metrics.shapes import ShapesEvaluator  # noqa: E402
 
@@ -100,9 +102,13 @@ def main():
 
     rows, results = [], []
     for name, guide in settings:
-        x = difflab.generate.generate(pipe.denoiser, pipe.shape, args.n, cond=cond, null_cond=null, guidance=g,
-                                      guide=guide, sampler=cfg.eval.sampler, steps=cfg.eval.steps, seed=args.seed,
-                                      progress=False).clamp(-1, 1)
+        plain = SamplingSettings(sampler=cfg.eval.sampler, steps=cfg.eval.steps, seed=args.seed)
+        if guide is None:  # classifier-free guidance built by generate from the settings
+            x = generate(pipe.denoiser, pipe.shape, args.n, SamplingSettings.of(plain, guidance=g), cond=cond,
+                         null_cond=null, progress=False)
+        else:  # a guided denoiser of our own
+            x = generate(guide(pipe.denoiser), pipe.shape, args.n, plain, cond=cond, progress=False)
+        x = x.clamp(-1, 1)
         red = evaluator.contains_colour(x, "red").float().mean().item()
         shape_acc = evaluator.alignment(x, ["red"] * args.n, shapes)["shape_accuracy"]
         results.append({"setting": name, "red_rate": red, "shape_accuracy": shape_acc})

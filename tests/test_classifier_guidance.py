@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from difflab import Cond
-from difflab.classifier import (ClassifierGuidance, NoiseAwareClassifier, load_classifier, noisy_accuracy,
-                                save_classifier, train_noisy_classifier)
+from difflab.guidance import ClassifierGuidance
+from difflab.nn import NoiseAwareClassifier
+from difflab.train.classifier import load_classifier, noisy_accuracy, save_classifier, train_noisy_classifier
 from difflab.samplers import SeededNoise, sampler_info
 from difflab.schedules import EDM
 from difflab.testing import GaussianMixture

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from difflab import memory as M
 from difflab.cli import main
 from difflab.config import load_config
-from difflab.latents import CACHE_FILE, cached_latents, decode_latents, load_vae
+from difflab.latents import cached_latents, decode_latents, load_vae
+from difflab.runs import LATENT_CACHE as CACHE_FILE
 from difflab.nn import AutoencoderKL, UNet
 from difflab.pipelines import load
 from difflab.train import train_vae

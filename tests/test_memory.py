@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from difflab import memory as M
+from difflab.memory import simulate
+from difflab.memory.inputs import _cond_tensors
 from difflab.train import Trainer
+from difflab.train.build import autocast, build_denoiser, diffusion_loss
 
 TEXT = ["data.dataset=shapes", "data.channels=3", "data.image_size=16", "model.text_encoder=minilm",
         "model.text_max_length=8", "model.channel_mult=[1,2]", "model.attn_levels=[1]"]
@@ -39,7 +42,7 @@ def test_static_bytes_equal_what_the_trainer_holds(tiny_cfg):
     trainer.train_step()
     est = M.estimate_training(cfg, 8, 8, "fp32", False)[0]
     params = list(trainer.net.parameters())
-    opt_states = [v for s in trainer.opt.state.values() for v in s.values()]
+    opt_states = [v for s in trainer.parts.opt.state.values() for v in s.values()]
     assert est.weights == M.storage_bytes(params)
     assert est.ema == M.storage_bytes([*trainer.ema.model.parameters(), *trainer.ema.model.buffers()])
     assert est.gradients == M.storage_bytes([p.grad for p in params])
@@ -54,11 +57,11 @@ def test_fake_simulation_equals_tracking_real_tensors(tiny_cfg, precision, check
     sim = M.simulate_training(cfg, 4, precision, checkpointing)
     torch.manual_seed(0)
     net = M.make_net(cfg, checkpointing).train()
-    denoiser = M.build_denoiser(cfg, net)
+    denoiser = build_denoiser(cfg, net)
     x0, sigma, noise, cond = M.random_batch(cfg, 4)
-    with M.StorageTracker(ignore=[*net.parameters(), x0, sigma, noise, *M._cond_tensors(cond)]) as tracker:
-        with M.autocast("cpu", precision):
-            loss = M._loss(cfg, denoiser, x0, sigma, noise, cond)
+    with M.StorageTracker(ignore=[*net.parameters(), x0, sigma, noise, *_cond_tensors(cond)]) as tracker:
+        with autocast("cpu", precision):
+            loss = diffusion_loss(cfg, denoiser, x0, sigma, noise, cond) / cfg.train.grad_accum
         loss.backward()
         del loss
     assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in tracker.ops
@@ -129,7 +132,7 @@ def test_bad_inputs_give_clear_errors(tiny_cfg):
 
 
 def test_a_model_that_needs_values_cannot_be_simulated(tiny_cfg, monkeypatch):
-    monkeypatch.setattr(M._ShapeOnlySchedule, "c_noise", lambda self, sigma: sigma * sigma.max().item())
+    monkeypatch.setattr(simulate._ShapeOnlySchedule, "c_noise", lambda self, sigma: sigma * sigma.max().item())
     with pytest.raises(M.PlanError, match="could not simulate the training step on fake tensors"):
         M.simulate_training(tiny_cfg("diffusion.schedule=cosine", "diffusion.parametrization=eps"), 4, "fp32", False)
 
@@ -148,7 +151,7 @@ def test_cli_prints_the_plan(tiny_cfg, capsys):
 def test_tracker_still_counts_after_ignored_tensors_are_dropped():
     # ignored storages are keyed by address; the tracker holds them so no new allocation reuses one
     # (under fake tensors, as the planner runs, freed addresses are reused at once)
-    with M._fake_mode():
+    with simulate._fake_mode():
         tracker = M.StorageTracker()
         batch = [torch.randn(256) for _ in range(20)]
         tracker.ignore(batch)

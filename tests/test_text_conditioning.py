@@ -162,10 +162,14 @@ def test_guidance_interval_switches_by_sigma():
 def test_generate_slices_per_sample_negative_prompts_by_batch(text_denoiser):
     from difflab.generate import generate
 
+    from difflab.generate import SamplingSettings
+
     cond, negative = text_cond(5, 6, 0), text_cond(5, 4, 1)
-    kw = dict(cond=cond, null_cond=negative, guidance=3, sampler="dpmpp_2m", steps=3, seed=0, progress=False)
-    whole = generate(text_denoiser, (3, 8, 8), 5, batch_size=5, **kw)
-    torch.testing.assert_close(generate(text_denoiser, (3, 8, 8), 5, batch_size=2, **kw), whole, rtol=1e-4, atol=1e-5)
+    kw = dict(cond=cond, null_cond=negative, progress=False)
+    settings = SamplingSettings(guidance=3, sampler="dpmpp_2m", steps=3, seed=0)
+    whole = generate(text_denoiser, (3, 8, 8), 5, SamplingSettings.of(settings, batch_size=5), **kw)
+    torch.testing.assert_close(generate(text_denoiser, (3, 8, 8), 5, SamplingSettings.of(settings, batch_size=2), **kw),
+                               whole, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="1 row or one per sample"):
         generate(text_denoiser, (3, 8, 8), 5, cond=cond, null_cond=text_cond(2, 4, 1), progress=False)
     with pytest.raises(ValueError, match="cannot expand"):

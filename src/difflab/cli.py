@@ -1,16 +1,26 @@
-"""``difflab train | sample | eval | fid-stats | samplers``. The only module that parses arguments."""
+"""``difflab train | train-vae | memory | sample | eval | fid-stats | samplers``. The only module that
+parses arguments."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from . import devices
+from .config import ConfigError, load_config, parse_overrides
+from .evaluation import evaluate, evaluate_against_reference, format_evaluation, format_metrics
+from .generate import SamplingSettings
+from .memory import format_plan, plan
+from .pipelines import fid_stats, load, save_samples
+from .runs import RunFolderError
+from .samplers import SAMPLERS
+from .tables import format_table
+from .train import TrainingError, evaluate_vae, train, train_vae
+
 DEFAULT_CONFIG = "digits (built-in defaults)"
 
 
 def _config(args):
-    from .config import load_config
-
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # `difflab train key=value` without a config file
         config, overrides = None, [config] + overrides
@@ -18,15 +28,11 @@ def _config(args):
 
 
 def _train(args) -> None:
-    from .train import train
-
     cfg = _config(args)
     run = train(cfg, resume=args.resume, progress=not args.quiet)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
+    if devices.group_is_initialized():
+        rank = devices.init_distributed(devices.resolve_device(cfg.train.device)).rank
+        devices.destroy_group()
         if rank != 0:
             return
     print(f"run folder: {run}")
@@ -35,8 +41,6 @@ def _train(args) -> None:
 
 
 def _train_vae(args) -> None:
-    from .train import evaluate_vae, train_vae
-
     run = train_vae(_config(args), resume=args.resume, progress=not args.quiet)
     print(f"run folder: {run}")
     if not args.no_eval:
@@ -48,111 +52,105 @@ def _train_vae(args) -> None:
 
 
 def _memory(args) -> None:
-    from .memory import format_plan, plan
-
     print(format_plan(plan(_config(args), args.batch_size, device=args.device)))
 
 
 def _print_eval(run, **kw) -> None:
-    from .pipelines import evaluate, format_metrics
-
     metrics = evaluate(run, **kw)
     print(format_metrics(metrics))
     print(f"metrics written to {Path(run) / 'metrics.json'}")
 
 
 def _eval(args) -> None:
+    settings = SamplingSettings(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed)
     if args.ref is None and args.metrics is None:  # the built-in digits / shapes evaluation
-        _print_eval(args.run, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                    extra_guidance=args.extra_guidance, n=args.n, seed=args.seed, progress=not args.quiet)
+        _print_eval(args.run, settings=settings, extra_guidance=args.extra_guidance, n=args.n,
+                    progress=not args.quiet)
         return
-    from .evaluation import evaluate_against_reference, format_evaluation
-
     if args.extra_guidance is not None:
         raise ValueError("--extra-guidance belongs to the built-in evaluation; with --ref/--metrics run one "
                          "`difflab eval` per guidance scale (--guidance)")
     result = evaluate_against_reference(
         args.run, args.ref, args.n, args.metrics or "fid", args.extractor, shard_size=args.shard_size,
-        sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-        clip=args.clip, inception_weights=args.inception_weights, progress=not args.quiet)
+        extractor_weights={"clip": args.clip, "inception": args.inception_weights}, progress=not args.quiet,
+        **_set_fields(settings), batch_size=args.batch_size)
     if result is not None:  # rank 0 (or the only process)
         print(format_evaluation(result))
         print(f"metrics written to {result['path']}")
 
 
-def _sample(args) -> None:
-    from .config import parse_overrides
-    from .pipelines import load, save_samples
+def _set_fields(settings: SamplingSettings) -> dict:
+    """The fields of ``settings`` that are set, as keywords."""
+    return {k: v for k, v in vars(settings).items() if v is not None and k != "options"}
 
+
+def _sample(args) -> None:
     pipe = load(args.run, weights=args.weights)
     labels = [int(v) for v in args.labels.split(",")] if args.labels else None
     if labels is not None and len(labels) == 1:
         labels = labels * args.n
     if labels is not None and len(labels) != args.n:
         raise ValueError(f"--labels gives {len(labels)} labels for --n {args.n}")
-    kwargs = parse_overrides(args.option)  # key=value, values read as YAML; typed by the sampler
+    options = parse_overrides(args.option)  # key=value, values read as YAML; typed by the sampler
     if args.eta is not None:
-        kwargs["eta"] = args.eta
+        options["eta"] = args.eta
+    settings = SamplingSettings(sampler=args.sampler, options=options, steps=args.steps, spacing=args.spacing,
+                                guidance=args.guidance, guidance_rescale=args.guidance_rescale,
+                                negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size)
     prompt = None if args.prompt is None else (args.prompt.split("|") if "|" in args.prompt else args.prompt)
-    images = pipe(prompt, n=args.n, labels=labels, negative_prompt=args.negative_prompt, sampler=args.sampler,
-                  steps=args.steps, spacing=args.spacing, guidance=args.guidance,
-                  guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size,
-                  progress=not args.quiet, **kwargs)
+    images = pipe(prompt, n=args.n, labels=labels, settings=settings, progress=not args.quiet)
     used = labels if labels is not None else ([i % pipe.num_classes for i in range(args.n)] if pipe.num_classes else None)
     for path in save_samples(images, Path(args.out), used, nrow=args.nrow):
         print(f"wrote {path}")
 
 
 def _fid_stats(args) -> None:
-    from .pipelines import fid_stats
-
     meta = fid_stats(args.folder, args.out, extractor=args.extractor, image_size=args.image_size,
                      weights=args.weights, clip=args.clip, progress=not args.quiet)
     print(f"wrote {args.out} ({meta['extractor']} features of {meta['n']} images)")
 
 
 def _samplers(args) -> None:
-    from .samplers import SAMPLERS
-
-    print(f"{'name':<20}{'NFE/step':>9}{'order':>7}  stochastic")
-    for name, info in sorted(SAMPLERS.items()):
-        print(f"{name:<20}{info.nfe_per_step:>9}{info.order:>7}  {'yes' if info.stochastic else 'no'}")
+    rows = [("name", "NFE/step", "order", "stochastic")]
+    rows += [(name, str(i.nfe_per_step), str(i.order), "yes" if i.stochastic else "no") for name, i in sorted(SAMPLERS.items())]
+    print(format_table(rows, rule=False))
     print("\norder: of the default formula as an ODE solver (eta = 0 for the stochastic ones).\n"
           "  dpmpp_3m: the references' 3M, second order; taylor_d2=True makes it third order.\n"
           "  unipc: UniP-3 with the UniC corrector; corrector=False gives order 3.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="difflab", description="Diffusion models: train, sample, evaluate.")
-    sub = p.add_subparsers(dest="command", required=True)
+def _config_args(parser) -> None:
+    parser.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500 model.channels=64")
 
-    def config_args(parser):
-        parser.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG})")
-        parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500 model.channels=64")
 
-    def train_args(parser):
-        config_args(parser)
-        parser.add_argument("--resume", action="store_true", help="continue the run in the config's out folder")
-        parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+def _train_args(parser) -> None:
+    _config_args(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in the config's out folder")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _training_parsers(sub) -> None:
     t = sub.add_parser("train", help="train a model (default: class-conditional digits), then evaluate it")
-    train_args(t)
+    _train_args(t)
     t.set_defaults(func=_train)
 
     v = sub.add_parser("train-vae", help="train the autoencoder of latent diffusion (config section vae), then "
                                          "report its reconstruction PSNR on held-out images (a folder dataset: "
                                          "its first images)")
-    train_args(v)
+    _train_args(v)
     v.set_defaults(func=_train_vae)
 
     m = sub.add_parser("memory", help="predict peak memory of training (fp32/bf16, checkpointing off/on) and "
                                       "sampling for a config, before running it")
-    config_args(m)
+    _config_args(m)
     m.add_argument("--batch-size", type=int, default=None, help="training batch (default: train.batch_size)")
     m.add_argument("--device", default=None, help="cpu or cuda (default: the config's train.device)")
     m.set_defaults(func=_memory)
 
+
+def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a run into a PNG grid and an .npz")
     s.add_argument("--run", required=True)
     s.add_argument("--n", type=int, default=64)
@@ -176,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_sample)
 
+
+def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="score a run's samples; writes metrics.json")
     # --run-dir / --num-samples: spellings torchrun's own parser does not take for abbreviations of its
     # options (it rejects `--run` as ambiguous with --run-path, `--n` with --nnodes, --nproc-per-node ...)
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
 
+
+def _fid_stats_parser(sub) -> None:
     f = sub.add_parser("fid-stats", help="reference statistics (mu, sigma) of an image folder as .npz")
     f.add_argument("folder")
     f.add_argument("--out", required=True)
@@ -214,15 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_fid_stats)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="difflab", description="Diffusion models: train, sample, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _training_parsers(sub)
+    _sample_parser(sub)
+    _eval_parser(sub)
+    _fid_stats_parser(sub)
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=_samplers)
     return p
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError
-    from .train.checkpoint import RunFolderError
-    from .train.trainer import TrainingError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

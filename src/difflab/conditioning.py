@@ -13,6 +13,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cond import Cond
+from .runs import weights_sha256
+from .text import TextEmbedding, build_text_encoder
 
 
 class ClassConditioner:
@@ -47,8 +49,6 @@ class TextConditioner:
         self.table = self._encode_all(self.captions, batch_size, progress)
 
     def _encode_all(self, captions, batch_size, progress):
-        from .text import TextEmbedding
-
         chunks = [captions[i:i + batch_size] for i in range(0, len(captions), batch_size)]
         with torch.no_grad():
             return TextEmbedding.cat([self.encoder(c) for c in tqdm(chunks, disable=not progress or len(chunks) < 2,
@@ -95,8 +95,6 @@ class TextConditioner:
     def identity(self) -> dict:
         """What the model was trained against: encoder name, folder, token limit and a weights hash."""
         if not hasattr(self, "_identity"):
-            from .train.checkpoint import weights_sha256
-
             self._identity = {"name": self.encoder.name, "path": str(getattr(self.encoder, "path", "")),
                               "max_length": self.encoder.max_length,
                               "weights_sha256": weights_sha256(self.encoder.model)}
@@ -115,8 +113,6 @@ class TextConditioner:
 
 def text_encoder_from_config(model_cfg):
     """The frozen encoder that ``model.text_encoder`` names (weights from a package or a local folder)."""
-    from .text import build_text_encoder
-
     kwargs = {"max_length": model_cfg.text_max_length}
     if model_cfg.text_encoder == "clip":
         kwargs["path"] = model_cfg.text_encoder_path or None

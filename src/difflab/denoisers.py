@@ -13,23 +13,10 @@ from torch import Tensor, nn
 
 from .cond import Cond
 from .schedules import NoiseSchedule
+from .tensors import append_dims, batch_sigma
 
 WEIGHTINGS = ("uniform", "min_snr", "edm")
 LOSS_KINDS = ("mse", "l1", "huber")
-
-
-def append_dims(t: Tensor, ndim: int) -> Tensor:
-    return t.reshape(t.shape + (1,) * (ndim - t.ndim))
-
-
-def batch_sigma(x: Tensor, sigma) -> Tensor:
-    """``sigma`` (scalar or (B,)) as a (B,) float64 tensor on x's device."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(len(x))
-    if sigma.shape != (len(x),):
-        raise ValueError(f"sigma must be a scalar or have shape ({len(x)},), got {tuple(sigma.shape)}")
-    return sigma
 
 
 # ------------------------------------------------ conversions (x in sigma space)
@@ -59,6 +46,12 @@ def score_from_x0(x: Tensor, x0: Tensor, sigma) -> Tensor:
 
 
 # ----------------------------------------------------------------- denoisers
+#
+# The Denoiser protocol, all that samplers, guidance and ``generate`` rely on:
+#   denoiser(x, sigma, cond=None) -> x0_hat   x in sigma space, sigma (B,) float64, cond a Cond or None
+#   denoiser.schedule                          its NoiseSchedule: sigma_min, sigma_max, sigmas(steps, spacing)
+# ``Denoiser`` below (a network and its parametrisation) and every ``DenoiserWrapper`` keep it.
+
 
 class Denoiser(nn.Module):
     """Base class: subclasses define ``scalings(sigma) -> (c_skip, c_out, c_in)`` in float64."""
@@ -174,3 +167,15 @@ def build(parametrization: str, net: nn.Module, schedule: NoiseSchedule, sigma_d
     if parametrization == "edm":
         return EDMDenoiser(net, schedule, sigma_data)
     return PARAMETRIZATIONS[parametrization](net, schedule)
+
+
+class DenoiserWrapper:
+    """Base of the wrappers that take a Denoiser and are one (guidance, editing): they keep the
+    wrapped ``denoiser`` and its ``schedule``, so wrappers nest and run in any sampler."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.denoiser.schedule

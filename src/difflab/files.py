@@ -1,6 +1,7 @@
 """Atomic file writes (imports nothing from difflab): readers never see half a file."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -31,3 +32,11 @@ def save_npz(path, **arrays) -> None:
             np.savez(f, **arrays)
 
     atomic_write(path, write)
+
+
+def write_text(path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, data) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")

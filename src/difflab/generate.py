@@ -1,5 +1,13 @@
-"""Draw samples from a Denoiser: seeded per sample, optionally conditional with guidance, in batches."""
+"""Draw samples from a Denoiser: seeded per sample, optionally guided, in batches.
+
+``SamplingSettings`` is the one value that says how to sample (sampler and its options, steps,
+sigma grid, guidance, rescale, negative prompt, seed, batch). A field left ``None`` is taken
+from defaults: a run's ``eval`` config (``SamplingSettings.from_eval``) through ``resolve``,
+and where nothing else says, :data:`DEFAULTS`.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -8,65 +16,119 @@ from tqdm.auto import tqdm
 from .cond import Cond
 from .guidance import ClassifierFreeGuidance
 from .samplers import BrownianNoise, SeededNoise, check_options, sampler_info
+from .seeds import derive_seed
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample; ``None`` = not set here (taken from the defaults it is resolved against).
+
+    ``guidance`` is the classifier-free guidance scale (1 = conditional, 0 = unconditional) and
+    ``guidance_rescale`` its rescale phi (Lin et al. 2024); ``spacing`` the sigma grid (``None`` =
+    the schedule's own); ``options`` the sampler's keyword options (``eta``, ``s_churn``, ...).
+    """
+
+    sampler: str | None = None
+    options: dict = field(default_factory=dict)
+    steps: int | None = None
+    spacing: str | None = None
+    guidance: float | None = None
+    guidance_rescale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+
+    @classmethod
+    def of(cls, settings: SamplingSettings | None = None, **overrides) -> SamplingSettings:
+        """``settings`` with ``overrides`` set; keywords that are no field are sampler options."""
+        names = {f.name for f in fields(cls)} - {"options"}
+        base = settings or cls()
+        options = {**base.options, **{k: v for k, v in overrides.items() if k not in names}}
+        return replace(base, options=options, **{k: v for k, v in overrides.items() if k in names})
+
+    @classmethod
+    def from_eval(cls, e) -> SamplingSettings:
+        """The sampling defaults of a run's ``eval`` config section (``difflab.config.EvalConfig``);
+        ``eval.batch_size`` is the evaluation's batch, not a default of every sampling call."""
+        return cls(sampler=e.sampler, steps=e.steps, spacing=e.spacing or None, guidance=e.guidance,
+                   guidance_rescale=e.guidance_rescale, negative_prompt=e.negative_prompt, seed=e.seed)
+
+    def resolve(self, defaults: SamplingSettings) -> SamplingSettings:
+        """Every unset field from ``defaults``; options merged, these over theirs."""
+        unset = {f.name: getattr(defaults, f.name) for f in fields(self)
+                 if f.name != "options" and getattr(self, f.name) is None}
+        return replace(self, options={**defaults.options, **self.options}, **unset)
+
+    def is_set(self, *names: str) -> list[str]:
+        """Which of the fields ``names`` are set."""
+        return [n for n in names if getattr(self, n) is not None]
+
+
+#: what sampling uses where neither the caller nor a run's config says otherwise
+DEFAULTS = SamplingSettings(sampler="ddim", steps=50, guidance_rescale=0.0, negative_prompt="", seed=0,
+                            batch_size=256)
 
 
 def sample_seeds(seed: int, n: int) -> list[int]:
     """Per-sample seeds: sample i of run ``seed`` always gets the same noise stream."""
-    return [seed * 1_000_003 + i for i in range(n)]
+    return [derive_seed(seed, i) for i in range(n)]
 
 
-@torch.no_grad()
-def generate(denoiser, shape, n: int, *, cond: Cond | None = None, null_cond: Cond | None = None,
-             labels: Tensor | None = None, null_label: int | None = None, sampler: str = "ddim", steps: int = 50,
-             spacing: str | None = None, guidance: float = 1.0, guidance_rescale: float = 0.0, guide=None,
-             seed: int = 0, first_index: int = 0, batch_size: int = 256, device=None, progress: bool = True,
-             **sampler_kwargs) -> Tensor:
-    """``n`` samples of ``shape`` (without batch), as float32 on the CPU.
-
-    With a condition (``cond``, n rows, or class ``labels`` (n,)) the model is wrapped in
-    classifier-free guidance at ``guidance`` (1 = conditional, 0 = unconditional) against
-    ``null_cond`` (or ``null_label``), with guidance rescale ``guidance_rescale``; ``guide``, a
-    function of the denoiser returning a denoiser (e.g. ``SafeGuidance`` or ``ClassifierGuidance``),
-    replaces that wrapper (it then owns the guidance scale and null condition: ``guidance``,
-    ``guidance_rescale`` and ``null_cond`` are not used); it is built once per batch. Results
-    depend on (seed, sample index), never on ``batch_size``; ``first_index`` k makes these
-    samples k .. k + n - 1 of the seed's stream (shards of one run).
-    """
-    info = sampler_info(sampler)
-    sampler_kwargs = check_options(sampler, sampler_kwargs)
-    sigmas = denoiser.schedule.sigmas(steps, spacing)
-    if device is None:
-        params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []
-        device = params[0].device if params else torch.device("cpu")
-    if labels is not None:
-        cond, null_cond = Cond(labels=torch.as_tensor(labels)), Cond(labels=torch.tensor([null_label]))
+def _check_conditions(n: int, cond: Cond | None, null_cond: Cond | None, s: SamplingSettings) -> None:
     if cond is not None and len(cond) != n:
         raise ValueError(f"expected a condition for each of the {n} samples, got {len(cond)} rows")
     if null_cond is not None and len(null_cond) not in (1, n):
         raise ValueError(f"the null / negative condition needs 1 row or one per sample ({n}), got {len(null_cond)}")
+    if null_cond is None and s.is_set("guidance", "guidance_rescale"):
+        raise ValueError(f"{' and '.join(s.is_set('guidance', 'guidance_rescale'))} need null_cond (the "
+                         "unconditional or negative condition); a denoiser that is already guided takes neither")
 
-    def model_for(start: int, stop: int):
-        """The guided denoiser of samples start..stop-1 (per-sample negative prompts sliced to them)."""
-        if guide is not None:
-            return guide(denoiser)
-        if cond is None:
-            return denoiser
-        null = null_cond if len(null_cond) == 1 else null_cond[start:stop]
-        return ClassifierFreeGuidance(denoiser, guidance, null, rescale=guidance_rescale)
 
-    seeds = sample_seeds(seed, first_index + n)[first_index:]
+def _model_device(denoiser) -> torch.device:
+    params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []
+    return params[0].device if params else torch.device("cpu")
+
+
+@torch.no_grad()
+def generate(denoiser, shape, n: int, settings: SamplingSettings | None = None, *, cond: Cond | None = None,
+             null_cond: Cond | None = None, first_index: int = 0, device=None, progress: bool = True) -> Tensor:
+    """``n`` samples of ``shape`` (without batch), as float32 on the CPU.
+
+    With ``null_cond`` (the null class, the empty or a negative prompt: 1 row or n) the denoiser is
+    wrapped in classifier-free guidance at ``settings.guidance`` and ``guidance_rescale``; without
+    it the denoiser is sampled as given -- unconditional, plainly conditional on ``cond`` (n rows),
+    or a guidance wrapper built by the caller (``SafeGuidance``, ``ClassifierGuidance``, ...; one
+    with ``reset()`` is reset before each batch), and then guidance settings are an error.
+    Results depend on (seed, sample index), never on the batch size; ``first_index`` k makes these
+    samples k .. k + n - 1 of the seed's stream (shards of one run).
+    """
+    s = (settings or SamplingSettings()).resolve(DEFAULTS)
+    _check_conditions(n, cond, null_cond, settings or SamplingSettings())
+    info = sampler_info(s.sampler)
+    options = check_options(s.sampler, s.options)
+    sigmas = denoiser.schedule.sigmas(s.steps, s.spacing)
+    device = device if device is not None else _model_device(denoiser)
+    seeds = sample_seeds(s.seed, first_index + n)[first_index:]
     out = []
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"{sampler} x{steps}"):
-        stop = min(n, start + batch_size)
-        model = model_for(start, stop)
+    for start in tqdm(range(0, n, s.batch_size), disable=not progress, desc=f"{s.sampler} x{s.steps}"):
+        stop = min(n, start + s.batch_size)
+        model = denoiser
+        if null_cond is not None:  # a per-sample negative prompt is sliced to the batch
+            null = null_cond if len(null_cond) == 1 else null_cond[start:stop]
+            model = ClassifierFreeGuidance(denoiser, 1.0 if s.guidance is None else s.guidance, null,
+                                           rescale=s.guidance_rescale)
         if hasattr(model, "reset"):  # stateful guidance (SLD momentum) starts every trajectory afresh
             model.reset()
-        noise = SeededNoise(seeds[start:stop], shape, device=device)
-        x = noise() * float(sigmas[0])
-        if info.brownian:
-            positive = sigmas[sigmas > 0]
-            noise = BrownianNoise(seeds[start:stop], shape, float(positive.min()), float(positive.max()),
-                                  device=device)
         rows = None if cond is None else cond[start:stop].to(device)
-        out.append(info.fn(model, x, sigmas, rows, noise=noise, progress=False, **sampler_kwargs).float().cpu())
+        out.append(_sample_batch(model, info, sigmas, seeds[start:stop], shape, rows, device, options))
     return torch.cat(out)
+
+
+def _sample_batch(model, info, sigmas: Tensor, seeds: list[int], shape, cond, device, options: dict) -> Tensor:
+    """One batch: per-sample seeded start noise (and Brownian tree for SDE samplers), then the sampler."""
+    noise = SeededNoise(seeds, shape, device=device)
+    x = noise() * float(sigmas[0])
+    if info.brownian:
+        positive = sigmas[sigmas > 0]
+        noise = BrownianNoise(seeds, shape, float(positive.min()), float(positive.max()), device=device)
+    return info.fn(model, x, sigmas, cond, noise=noise, progress=False, **options).float().cpu()

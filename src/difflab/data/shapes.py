@@ -410,3 +410,11 @@ def load_shapes(n: int, image_size: int = 32, seed: int = 0, min_objects: int = 
                 maps: bool = False) -> ShapesData:
     """The first ``n`` scenes of ``ShapesWorld(image_size, min_objects, max_objects, seed)``."""
     return ShapesWorld(image_size, min_objects, max_objects, seed).load(n, maps=maps)
+
+
+def single_object_prompts(n: int) -> tuple[list[str], list[str], list[str]]:
+    """``n`` prompts "a {colour} {shape}" cycling through every colour-shape pair, with their attributes
+    (the evaluation's prompts and the text model's sample grids)."""
+    pairs = [(c, s) for s in SHAPES for c in COLOURS]
+    chosen = [pairs[i % len(pairs)] for i in range(n)]
+    return [prompt(c, s) for c, s in chosen], [c for c, _ in chosen], [s for _, s in chosen]

@@ -36,7 +36,7 @@ _RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 
 def _load_image_processor(folder):
-    import transformers
+    import transformers  # transformers takes seconds to import: only where a model is loaded
     with _quiet_transformers():
         try:
             return transformers.CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
@@ -84,7 +84,7 @@ class CLIPScorer:
     """
 
     def __init__(self, path=None, device="cpu", quantize: bool = True):
-        from transformers import CLIPModel
+        from transformers import CLIPModel  # transformers takes seconds to import: only where a model is loaded
         self.path = find_clip_folder(path, image_processor=True)
         with _quiet_transformers():
             self.model = CLIPModel.from_pretrained(self.path, local_files_only=True)

@@ -7,6 +7,8 @@ follow torch-fidelity (Obukhov et al.) so that, given the same features and seed
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from ..files import save_npz as write_npz
 from .frechet import frechet_distance
@@ -204,8 +206,6 @@ class StreamingStats:
         Every rank must have the same feature dim (call with ``StreamingStats(dim)`` on ranks
         that saw no data). Uses a float64 tensor on the current CUDA device for NCCL, else CPU.
         """
-        import torch
-        import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()):
             return self
         if self.sum is None:

@@ -133,6 +133,7 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights_path=None, sha256: str | None = INCEPTION_SHA256, device="cpu"):
         super().__init__()
         try:
+            # optional: torch-fidelity is needed only for the Inception features
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("InceptionFeatures needs torch-fidelity (pip install torch-fidelity)") from e

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..data.shapes import COLOURS, MAX_OBJECTS, POSITIONS, RENDERER_VERSION, SHAPES, SIZES, ShapesData, ShapesWorld
@@ -208,9 +210,6 @@ def cache_path(image_size: int, seed: int, training: ShapesTraining) -> Path:
 def load_or_train_classifier(image_size: int, seed: int = 0, training: ShapesTraining = ShapesTraining()
                              ) -> tuple[ShapesClassifier, bool]:
     """The cached classifier if there is one (and whether it was), else a freshly trained one, cached."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
-
     path = cache_path(image_size, seed, training)
     if path.exists():
         model = ShapesClassifier(image_size, training.width)

@@ -1,5 +1,6 @@
 """Networks: tensors in, tensors out. They know nothing of schedules, samplers or configs."""
-from .unet import UNet
+from .classifier import NoiseAwareClassifier
+from .unet import UNet, UNetSpec
 from .vae import AutoencoderKL, DiagonalGaussian
 
-__all__ = ["AutoencoderKL", "DiagonalGaussian", "UNet"]
+__all__ = ["AutoencoderKL", "DiagonalGaussian", "NoiseAwareClassifier", "UNet", "UNetSpec"]

@@ -12,6 +12,7 @@ GEGLU feed-forward (Rombach et al. 2022); ``cond.pooled`` joins the noise embedd
 from __future__ import annotations
 
 import math
+from dataclasses import astuple, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -176,8 +177,30 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+@dataclass(frozen=True)
+class UNetSpec:
+    """The architecture of a :class:`UNet` (every argument but its input channels); see its Args."""
+
+    out_channels: int | None = None
+    channels: int = 64
+    channel_mult: Sequence[int] = (1, 2)
+    num_res_blocks: int = 2
+    attn_levels: Sequence[int] = (1,)
+    mid_attn: bool = True
+    head_dim: int = 32
+    num_classes: int | None = None
+    dropout: float = 0.0
+    groups: int = 32
+    scale_shift: bool = True
+    dims: int = 2
+    context_dim: int | None = None
+    pooled_dim: int | None = None
+    transformer_depth: int = 1
+    checkpointing: bool = False
+
+
 class UNet(nn.Module):
-    """U-Net denoiser backbone.
+    """U-Net denoiser backbone: ``UNet(in_channels, spec)`` or ``UNet(in_channels, **spec_fields)``.
 
     Args:
         in_channels, out_channels: data channels (out defaults to in).
@@ -198,13 +221,11 @@ class UNet(nn.Module):
         dims: 1, 2 or 3 spatial dimensions.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int | None = None, channels: int = 64,
-                 channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 2,
-                 attn_levels: Sequence[int] = (1,), mid_attn: bool = True, head_dim: int = 32,
-                 num_classes: int | None = None, dropout: float = 0.0, groups: int = 32,
-                 scale_shift: bool = True, dims: int = 2, context_dim: int | None = None,
-                 pooled_dim: int | None = None, transformer_depth: int = 1, checkpointing: bool = False):
+    def __init__(self, in_channels: int = 1, spec: UNetSpec | None = None, **options):
         super().__init__()
+        self.spec = spec = replace(spec or UNetSpec(), **options)
+        (out_channels, channels, channel_mult, num_res_blocks, attn_levels, mid_attn, head_dim, num_classes, dropout,
+         groups, scale_shift, dims, context_dim, pooled_dim, transformer_depth, checkpointing) = astuple(spec)
         if dims not in CONV:
             raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
         self.in_channels, self.dims, self.num_classes = in_channels, dims, num_classes

@@ -41,7 +41,7 @@ class BrownianNoise:
 
     def __init__(self, seeds: Sequence[int], shape: Sequence[int], sigma_min: float, sigma_max: float, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        import torchsde
+        import torchsde  # only the SDE samplers' Brownian trees need it (and it imports scipy)
 
         w0 = torch.zeros(tuple(shape), dtype=dtype, device=device)
         self.trees = [torchsde.BrownianTree(float(sigma_min), w0, float(sigma_max), entropy=int(s)) for s in seeds]

@@ -2,20 +2,11 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
-
 import torch
 
-from .. import denoisers, schedules
-from ..config import Config, config_from_dict
+from .. import denoisers, runs, schedules
+from ..config import Config
 from ..nn import UNet
-
-
-def vae_config(run) -> Config:
-    """The config of the VAE run folder ``run`` (``model.vae`` of a latent model)."""
-    from .checkpoint import check_run, read_config_dict
-
-    return config_from_dict(read_config_dict(check_run(Path(run), need_weights=False)))
 
 
 def data_shape(cfg: Config) -> tuple[int, int, int]:
@@ -23,7 +14,7 @@ def data_shape(cfg: Config) -> tuple[int, int, int]:
     d = cfg.data
     if not cfg.model.vae:
         return (d.channels, d.image_size, d.image_size)
-    v = vae_config(cfg.model.vae).vae
+    v = runs.read_config(cfg.model.vae, need_weights=False).vae
     f = 2 ** (len(v.channel_mult) - 1)
     if d.image_size % f:
         raise ValueError(f"data.image_size ({d.image_size}) must be divisible by the VAE's downsampling factor {f}")

@@ -11,42 +11,34 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
-from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from torch import Tensor
-
+from .. import devices, runs
 from ..conditioning import TextConditioner, conditioner_for
 from ..config import Config
 from ..data import load_data
-from ..generate import generate
-from . import checkpoint as ckpt
-from .build import adamw, autocast, build_denoiser, build_unet, data_shape, diffusion_loss
-from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
-from .ema import EMA, ema_decay
-
-
-TEXT_ENCODER_FILE = "text_encoder.json"  # which frozen encoder (and weights) a text model was trained against
+from ..data.shapes import COLOURS, SHAPES, single_object_prompts
+from ..devices import DistInfo, barrier
+from ..generate import SamplingSettings, generate
+from ..images import save_grid
+from ..latents import check_vae, decode_latents, latent_data, load_vae, vae_identity
+from ..seeds import derive_seed
+from .build import autocast, build_denoiser, build_unet, data_shape, diffusion_loss
+from .step import NonFiniteLoss, TrainingParts, training_step
 
 
 class TrainingError(RuntimeError):
     pass
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(derive_seed(seed, step))
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
@@ -79,17 +71,6 @@ def global_batch(images: Tensor, labels: Tensor | None, null_label: int | None, 
     return x0, sigma, noise, labels
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up, then constant or cosine decay to zero at ``train.steps``."""
-    t = cfg.train
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    if t.lr_schedule == "cosine":
-        progress = (step - t.warmup) / max(1, t.steps - t.warmup)
-        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return t.lr
-
-
 def _check_batch(cfg: Config, dist: DistInfo) -> int:
     parts = dist.world_size * cfg.train.grad_accum
     if cfg.train.batch_size % parts:
@@ -103,18 +84,15 @@ class Trainer:
 
     The loop, checkpoints and resume are shared with other trainers (``VAETrainer``), which name
     their network (``build``), the step's global batch (``global_batch``, ``rank_batch``), the loss
-    (``loss``) and the records that pin what the model depends on (``records``).
+    (``loss``) and the records that pin what the model depends on (``records``). The step itself
+    is ``train.step.training_step``.
     """
 
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = resolve_device(cfg.train.device)
-        self.dist = init_distributed(self.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
+        self.device, self.dist = devices.setup(cfg.train.device)
         self.micro = _check_batch(cfg, self.dist)
         try:  # an autocast the device cannot run fails here, before any data is loaded or encoded
             autocast(self.device.type, cfg.train.precision)
@@ -123,49 +101,61 @@ class Trainer:
         self.run = Path(cfg.out)
         self.resuming = resume
         if resume:
-            ckpt.check_run(self.run)
-        elif (self.run / "trainer_state.pt").exists():
+            runs.check_run(self.run)
+        elif runs.has_checkpoint(self.run):
             raise TrainingError(f"{self.run} already holds a run; pass --resume to continue it "
                                 "or choose another folder with out=...")
         self.data = load_data(cfg.data, "train")
         torch.manual_seed(cfg.train.seed)
-        self.net = self.build().to(self.device)
-        self.ema = EMA(self.net)
-        self.train_net = DistributedDataParallel(self.net) if self.dist.enabled else self.net
-        self.opt = adamw(self.net, cfg.train.lr, cfg.train.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
+        t = cfg.train
+        self.parts = TrainingParts.build(self.build().to(self.device), self.device, self.dist, lr=t.lr,
+                                         weight_decay=t.weight_decay, precision=t.precision)
         self.step = 0
         self.seconds = 0.0  # training wall time of earlier sessions of this run
         self.last_checkpoint = None
         if resume:
             self._resume()
 
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.parts.net
+
+    @property
+    def train_net(self) -> torch.nn.Module:
+        return self.parts.train_net
+
+    @property
+    def ema(self):
+        return self.parts.ema
+
     # ------------------------------------------------------- what is trained
     def build(self) -> torch.nn.Module:
         """The U-Net, after setting up latents (``model.vae``) and conditioning (labels or text)."""
         self.vae = None
         if self.cfg.model.vae:
-            from ..latents import VAE_FILE, latent_data, load_vae, vae_identity
-
-            data_shape(self.cfg)  # latents the U-Net cannot downsample fail here, before any encoding
-            self.vae = load_vae(self.cfg.model.vae, self.device)
-            self.vae_record = vae_identity(self.vae, self.cfg.model.vae)
-            if self.resuming:  # refuse another VAE before encoding the data with it
-                self.check_record(VAE_FILE, self.vae_record)
-            # the main rank encodes and writes the cache; the others wait, then read it
-            if self.dist.is_main:
-                self.data = latent_data(self.vae, self.cfg, self.data, self.run, progress=self.progress)
-            barrier(self.dist)
-            if not self.dist.is_main:
-                self.data = latent_data(self.vae, self.cfg, self.data, self.run, progress=False)
+            self._encode_latents()
         self.conditioner = conditioner_for(self.cfg, self.data, progress=self.progress and self.dist.is_main)
         self.labels = (self.conditioner.labels(self.data.captions) if isinstance(self.conditioner, TextConditioner)
                        else self.data.labels)
         return build_unet(self.cfg, self.conditioner)
 
+    def _encode_latents(self) -> None:
+        """Swap the images for their latents under ``model.vae`` (the main rank encodes and writes the
+        cache; the others wait, then read it)."""
+        data_shape(self.cfg)  # latents the U-Net cannot downsample fail here, before any encoding
+        self.vae = load_vae(self.cfg.model.vae, self.device)
+        self.vae_record = vae_identity(self.vae, self.cfg.model.vae)
+        if self.resuming:  # refuse another VAE before encoding the data with it
+            self.check_record(runs.VAE_RECORD, self.vae_record)
+        if self.dist.is_main:
+            self.data = latent_data(self.vae, self.cfg, self.data, self.run, progress=self.progress)
+        barrier(self.dist)
+        if not self.dist.is_main:
+            self.data = latent_data(self.vae, self.cfg, self.data, self.run, progress=False)
+
     @functools.cached_property
     def train_denoiser(self):
-        return build_denoiser(self.cfg, self.train_net)
+        return build_denoiser(self.cfg, self.parts.train_net)
 
     @property
     def schedule(self):
@@ -175,25 +165,20 @@ class Trainer:
         """Run files that pin what the model was trained against: written at the start, checked on resume."""
         out = {}
         if isinstance(self.conditioner, TextConditioner):
-            out[TEXT_ENCODER_FILE] = self.conditioner.identity()
+            out[runs.TEXT_ENCODER_RECORD] = self.conditioner.identity()
         if self.vae is not None:
-            from ..latents import VAE_FILE
-
-            out[VAE_FILE] = self.vae_record
+            out[runs.VAE_RECORD] = self.vae_record
         return out
 
     def check_record(self, name: str, mine: dict) -> None:
         """Refuse to resume against another text encoder or VAE than the run recorded in ``name``."""
-        from ..latents import VAE_FILE, check_vae
-
-        path = self.run / name
-        if not path.exists():
+        recorded = runs.read_record(self.run, name)
+        if recorded is None:
             return
-        recorded = json.loads(path.read_text())
         try:
-            if name == TEXT_ENCODER_FILE:
+            if name == runs.TEXT_ENCODER_RECORD:
                 self.conditioner.check_identity(recorded, self.run)
-            elif name == VAE_FILE:
+            elif name == runs.VAE_RECORD:
                 check_vae(recorded, mine, self.run)
         except ValueError as err:
             raise TrainingError(str(err)) from None
@@ -225,65 +210,44 @@ class Trainer:
     def _resume(self) -> None:
         for name, mine in self.records().items():
             self.check_record(name, mine)
-        state = ckpt.load_trainer_state(self.run)
-        steps = {ckpt.load_weights(self.run / "model.safetensors", self.net),
-                 ckpt.load_weights(self.run / "ema.safetensors", self.ema.model), state["step"]}
+        state = runs.load_trainer_state(self.run)
+        steps = {runs.load_weights(runs.weights_path(self.run, "model"), self.net),
+                 runs.load_weights(runs.weights_path(self.run, "ema"), self.ema.model), state["step"]}
         if len(steps) != 1:
             raise TrainingError(f"checkpoint files in {self.run} disagree on the step ({sorted(steps)}); "
                                 "the run was interrupted while saving")
-        self.opt.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.parts.opt.load_state_dict(state["optimizer"])
+        self.parts.scaler.load_state_dict(state["scaler"])
         self.step = self.last_checkpoint = state["step"]
         self.seconds = state.get("seconds", 0.0)
 
     def save(self) -> None:
         if self.dist.is_main:
-            state = {"step": self.step, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                     "seconds": self.seconds + time.time() - self.start_time}
-            ckpt.save_checkpoint(self.run, self.net, self.ema.model, state)
+            state = {"step": self.step, "optimizer": self.parts.opt.state_dict(),
+                     "scaler": self.parts.scaler.state_dict(), "seconds": self.seconds + time.time() - self.start_time}
+            runs.save_checkpoint(self.run, self.net, self.ema.model, state)
         self.last_checkpoint = self.step
         barrier(self.dist)
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
         batch = self.rank_batch()
-        torch.manual_seed((t.seed * 1_000_003 + self.step) * 4096 + self.dist.rank)  # dropout, per rank
-        self.net.train()
-        self.opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
-        for j in range(t.grad_accum):
-            mb = slice(j * self.micro, (j + 1) * self.micro)
-            sync = self.dist.enabled and j < t.grad_accum - 1
-            with (self.train_net.no_sync() if sync else nullcontext()), autocast(self.device.type, t.precision):
-                loss = self.loss(batch, mb) / t.grad_accum
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-        total = mean_across_ranks(total, self.dist)
-        if not torch.isfinite(total):
+        micro = self.micro
+        try:
+            stats = training_step(self.parts, lambda j: self.loss(batch, slice(j * micro, (j + 1) * micro)),
+                                  self.cfg, self.step)
+        except NonFiniteLoss as err:
             where = (f"the last good checkpoint (step {self.last_checkpoint}) is in {self.run}"
                      if self.last_checkpoint is not None else "no checkpoint was written yet")
-            raise TrainingError(f"loss became {total.item()} at step {self.step}; training stopped, {where}")
-        self.scaler.unscale_(self.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        lr = lr_at(self.step, cfg)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.ema.update(self.net, ema_decay(self.step, t.ema_decay, t.ema_warmup))
+            raise TrainingError(f"{err} at step {self.step}; training stopped, {where}") from None
         self.step += 1
-        return {"step": self.step, "loss": total.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        return stats
 
     def sample_grid(self) -> None:
-        from ..images import save_grid
-
-        ema_denoiser = build_denoiser(self.cfg, self.ema.model)
+        """A grid of EMA samples at the eval settings (at most 25 steps): one column per class (up to 10
+        rows of them), or one row per shape and one column per colour for a text model."""
         c, nrow, cond, null = self.conditioner, 8, None, None
-        if isinstance(c, TextConditioner):  # one row per shape, one column per colour
-            from ..data.shapes import COLOURS, SHAPES
-            from ..pipelines import single_object_prompts
-
+        if isinstance(c, TextConditioner):
             prompts = single_object_prompts(len(SHAPES) * len(COLOURS))[0]
             n, nrow, cond, null = len(prompts), len(COLOURS), c.encode(prompts), c.null()
         elif c is not None:
@@ -292,42 +256,31 @@ class Trainer:
         else:
             n = 64
         e = self.cfg.eval
-        x = generate(ema_denoiser, self.data.images.shape[1:], n, cond=cond, null_cond=null, sampler=e.sampler,
-                     steps=min(e.steps, 25), spacing=e.spacing, guidance=e.guidance, seed=e.seed, progress=False)
+        settings = SamplingSettings(sampler=e.sampler, steps=min(e.steps, 25), spacing=e.spacing or None,
+                                    guidance=e.guidance if null is not None else None, seed=e.seed)
+        x = generate(build_denoiser(self.cfg, self.ema.model), self.data.images.shape[1:], n, settings, cond=cond,
+                     null_cond=null, progress=False)
         if self.vae is not None:
-            from ..latents import decode_latents
-
             x = decode_latents(self.vae, x)
-        save_grid(x, self.run / "samples" / f"step_{self.step:07d}.png", nrow=nrow)
+        save_grid(x, runs.sample_grid_path(self.run, self.step), nrow=nrow)
 
     def finish(self) -> None:
         """After the last step (also when a finished run is resumed); the VAE trainer estimates its scaling here."""
 
     def fit(self) -> Path:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         if self.dist.is_main:
             self.run.mkdir(parents=True, exist_ok=True)
-            ckpt.write_text(self.run / "config.yaml", _yaml(cfg))
+            runs.write_config(self.run, self.cfg)
             for name, record in self.records().items():
-                ckpt.write_json(self.run / name, record)
+                runs.write_record(self.run, name, record)
         self.start_time, self.first_step = time.time(), self.step
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
-        log = open(self.run / "metrics.jsonl", "a") if self.dist.is_main else None
+        log = open(self.run / runs.TRAINING_LOG, "a") if self.dist.is_main else None
         try:
             while self.step < t.steps:
-                stats = self.train_step()
-                bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}")
-                    if log:
-                        stats["seconds"] = round(self.seconds + time.time() - self.start_time, 3)
-                        log.write(json.dumps(stats) + "\n")
-                        log.flush()
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                    self.save()
-                if t.sample_every and self.dist.is_main and (self.step % t.sample_every == 0 or self.step == t.steps):
-                    self.sample_grid()
+                self._after_step(self.train_step(), bar, log)
         finally:
             bar.close()
             if log:
@@ -335,11 +288,20 @@ class Trainer:
         self.finish()
         return self.run
 
-
-def _yaml(cfg: Config) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    def _after_step(self, stats: dict, bar, log) -> None:
+        """Progress, the log line, the checkpoint and the sample grid that fall due at this step."""
+        t, last = self.cfg.train, self.step == self.cfg.train.steps
+        bar.update(1)
+        if self.step % t.log_every == 0 or last:
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            if log:
+                stats["seconds"] = round(self.seconds + time.time() - self.start_time, 3)
+                log.write(json.dumps(stats) + "\n")
+                log.flush()
+        if self.step % t.checkpoint_every == 0 or last:
+            self.save()
+        if t.sample_every and self.dist.is_main and (self.step % t.sample_every == 0 or last):
+            self.sample_grid()
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:

@@ -11,10 +11,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import runs
 from ..config import Config
 from ..data import load_data, load_shapes_data
+from ..devices import resolve_device
+from ..images import save_grid
+from ..latents import build_vae, load_vae
+from ..metrics.reconstruction import psnr, ssim
 from ..nn.vae import vae_loss
-from . import checkpoint as ckpt
 from .trainer import Trainer, batch_indices, step_generator
 
 SCALING_IMAGES = 2000  # training images the scaling factor is estimated on (LDM uses one batch)
@@ -22,8 +26,6 @@ SCALING_IMAGES = 2000  # training images the scaling factor is estimated on (LDM
 
 class VAETrainer(Trainer):
     def build(self) -> torch.nn.Module:
-        from ..latents import build_vae
-
         self.vae = self.conditioner = self.labels = None
         return build_vae(self.cfg)
 
@@ -49,12 +51,10 @@ class VAETrainer(Trainer):
 
     def sample_grid(self) -> None:
         """Held-out images (top half) over their EMA reconstructions (bottom half)."""
-        from ..images import save_grid
-
         x = held_out_images(self.cfg, 32)
         with torch.no_grad():
             x_hat = self.ema.model(x.to(self.device), sample=False)[0].cpu().clamp(-1, 1)
-        save_grid(torch.cat([x, x_hat]), self.run / "samples" / f"step_{self.step:07d}.png", nrow=8)
+        save_grid(torch.cat([x, x_hat]), runs.sample_grid_path(self.run, self.step), nrow=8)
 
     def finish(self) -> None:
         """Estimate the latent scaling factor with the EMA weights, give it to both copies, save.
@@ -80,12 +80,7 @@ def held_out_images(cfg: Config, n: int) -> Tensor:
 def evaluate_vae(run, n: int = 1000, batch_size: int = 250, device: str = "auto") -> dict:
     """PSNR and SSIM (mean over images, posterior mode) of the EMA VAE on ``n`` held-out images;
     written to the run's ``metrics.json``."""
-    from ..latents import load_vae
-    from ..metrics.reconstruction import psnr, ssim
-    from .build import vae_config
-    from .trainer import resolve_device
-
-    cfg = vae_config(run)
+    cfg = runs.read_config(run, need_weights=False)
     vae = load_vae(run, resolve_device(device))
     x = held_out_images(cfg, n)
     dev = vae.scaling_factor.device
@@ -95,7 +90,7 @@ def evaluate_vae(run, n: int = 1000, batch_size: int = 250, device: str = "auto"
                "psnr_db": psnr(x_hat, x).mean().item(), "scaling_factor": vae.scaling_factor.item()}
     if min(x.shape[-2:]) >= 11:
         metrics["ssim"] = ssim(x_hat, x).mean().item()
-    ckpt.write_json(Path(run) / "metrics.json", metrics)
+    runs.write_metrics(run, metrics)
     return metrics
 
 

@@ -1,0 +1,134 @@
+"""A trained model from its run folder: ``Pipeline`` (denoiser, conditioner, VAE, config) and ``load``.
+
+    pipe = difflab.load("runs/digits")
+    images = pipe(n=16, labels=[3] * 16, sampler="ddim", steps=50, guidance=3, seed=0)
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import runs
+from .conditioning import ClassConditioner, TextConditioner, conditioner_for
+from .config import Config
+from .devices import resolve_device
+from .generate import DEFAULTS, SamplingSettings, generate
+from .latents import check_vae, decode_latents, load_vae, vae_identity
+from .train.build import build_denoiser, build_unet, data_shape
+
+GUIDANCE_FIELDS = ("guidance", "guidance_rescale", "negative_prompt")
+
+
+class Pipeline:
+    """A trained denoiser (EMA weights by default) with its config and conditioner, and for a latent
+    model the VAE whose latents it generates (decoded, scaling undone, before they are returned)."""
+
+    def __init__(self, cfg: Config, denoiser, conditioner=None, run: Path | None = None, vae=None):
+        if isinstance(conditioner, int):  # the earlier signature took num_classes
+            conditioner = ClassConditioner(conditioner)
+        self.cfg, self.denoiser, self.conditioner, self.run = cfg, denoiser.eval(), conditioner, run
+        self.vae = vae
+        if (vae is None) != (not cfg.model.vae):
+            raise ValueError(f"model.vae={cfg.model.vae!r}: a latent model needs its VAE and a pixel model none")
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.conditioner.num_classes if isinstance(self.conditioner, ClassConditioner) else None
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.conditioner, TextConditioner)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) of the images the pipeline returns."""
+        d = self.cfg.data
+        return (d.channels, d.image_size, d.image_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) the denoiser generates: the images, or their VAE latents."""
+        return data_shape(self.cfg)
+
+    def settings(self, settings: SamplingSettings | None = None, **overrides) -> SamplingSettings:
+        """``settings`` and ``overrides`` with every unset field from the run's ``eval`` config and the
+        schedule's own sigma grid: the complete settings this pipeline samples with."""
+        s = SamplingSettings.of(settings, **overrides).resolve(SamplingSettings.from_eval(self.cfg.eval))
+        s = s.resolve(DEFAULTS)
+        return s if s.spacing else replace(s, spacing=self.denoiser.schedule.spacings[0])
+
+    def decode(self, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Images from generated latents, in slices of ``batch_size`` (bounded decoder memory)."""
+        return z if self.vae is None else decode_latents(self.vae, z, batch_size)
+
+    def conds(self, n: int, labels=None, prompt=None, negative_prompt: str = ""):
+        """(cond, null_cond) for ``n`` samples: class labels (cycling through the classes by
+        default) or prompts (one string for all, or one per sample); None for unconditional models."""
+        if self.is_text:
+            if labels is not None:
+                raise ValueError("this model is text-conditional; pass prompt=..., not labels")
+            if prompt is None:
+                raise ValueError("this model is text-conditional: pass prompt='a red circle' (or a list of n prompts)")
+            prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != n:
+                raise ValueError(f"expected a string or a list of {n} prompts, got a list of {len(prompts)}")
+            return self.conditioner.encode(prompts), self.conditioner.encode([negative_prompt])
+        if prompt is not None or negative_prompt:
+            raise ValueError("this model is not text-conditional; it takes no prompt")
+        if self.num_classes:
+            labels = torch.arange(n) % self.num_classes if labels is None else torch.as_tensor(labels).long()
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"labels must lie in [0, {self.num_classes - 1}], got {labels.tolist()}")
+            return self.conditioner.cond(labels), self.conditioner.null()
+        if labels is not None:
+            raise ValueError("this model is unconditional; it takes no labels")
+        return None, None
+
+    def __call__(self, prompt=None, n: int = 64, labels=None, settings: SamplingSettings | None = None, *,
+                 guide=None, first_index: int = 0, progress: bool = True, **overrides) -> torch.Tensor:
+        """``n`` images in [-1, 1], (n, C, H, W).
+
+        Text models take ``prompt`` (one string or n); class models cycle through the classes unless
+        ``labels`` are given. ``settings`` (a ``SamplingSettings``) and keyword ``overrides`` of its
+        fields (``sampler``, ``steps``, ``guidance``, ``negative_prompt``, ...; other keywords are
+        sampler options such as ``eta``) say how to sample; what neither sets comes from the run's
+        ``eval`` config. ``guide``, a function of the denoiser returning a guided one
+        (``SafeGuidance``, ``ClassifierGuidance``, ...), replaces classifier-free guidance: it then
+        takes no guidance settings."""
+        if not (prompt is None or isinstance(prompt, (str, list, tuple))):
+            raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r} (pass the count as n=...)")
+        asked = SamplingSettings.of(settings, **overrides)
+        if guide is not None and asked.is_set(*GUIDANCE_FIELDS):
+            raise ValueError(f"guide replaces classifier-free guidance; it takes no {', '.join(asked.is_set(*GUIDANCE_FIELDS))}")
+        s = self.settings(asked)
+        cond, null = self.conds(n, labels, prompt, "" if guide is not None else s.negative_prompt)
+        model = self.denoiser
+        if guide is not None or null is None:
+            model, null = (guide(self.denoiser) if guide is not None else model), None
+            s = replace(s, guidance=None, guidance_rescale=None)
+        x = generate(model, self.latent_shape, n, s, cond=cond, null_cond=null, first_index=first_index,
+                     progress=progress)
+        return self.decode(x, s.batch_size).clamp(-1, 1)
+
+
+def load(run, weights: str = "ema", device: str = "auto") -> Pipeline:
+    """The pipeline of a run folder; ``weights`` is ``ema`` or ``model``."""
+    run = runs.check_run(run)
+    path = runs.weights_path(run, weights)
+    cfg = runs.read_config(run)
+    shapes = runs.weights_shapes(path)
+    num_classes = shapes["label_emb.weight"][0] - 1 if "label_emb.weight" in shapes else None
+    conditioner = conditioner_for(cfg, num_classes=num_classes, progress=False)
+    recorded = runs.read_record(run, runs.TEXT_ENCODER_RECORD)
+    if isinstance(conditioner, TextConditioner) and recorded is not None:
+        conditioner.check_identity(recorded, run)
+    device = resolve_device(device)
+    vae = load_vae(cfg.model.vae, device) if cfg.model.vae else None
+    recorded = runs.read_record(run, runs.VAE_RECORD)
+    if vae is not None and recorded is not None:
+        check_vae(recorded, vae_identity(vae, cfg.model.vae), run)
+    net = build_unet(cfg, conditioner)
+    runs.load_weights(path, net)
+    return Pipeline(cfg, build_denoiser(cfg, net).to(device), conditioner, run, vae)
