@@ -103,34 +103,6 @@ def plot_guidance_sweep(sweep: list[dict], path) -> Path:
     return path
 
 
-def format_metrics(m: dict) -> str:
-    """A small table: one row per guidance scale plus the reference lines."""
-    shapes = m.get("dataset") == "shapes"
-    cols = ("colour acc.", "shape acc.", "both", "Fréchet") if shapes else ("class acc.", "Fréchet")
-    keys = ("colour_accuracy", "shape_accuracy", "both_accuracy", "frechet") if shapes else \
-        ("class_accuracy", "frechet_samples")
-    rows = [("what", *cols)]
-    for s in sorted(m["sweep"], key=lambda r: r["guidance"]) if shapes else m["sweep"]:
-        rows.append((f"{m['sampler']}-{m['steps']} guidance {s['guidance']:g}", *(f"{s[k]:.3f}" for k in keys)))
-    if shapes:
-        rows.append(("real held-out renders", f"{m['classifier_colour_accuracy']:.3f}",
-                     f"{m['classifier_shape_accuracy']:.3f}", f"{m['classifier_both_accuracy']:.3f}",
-                     f"{m['frechet_floor']:.3f}"))
-        rows.append(("uniform noise", "-", "-", "-", f"{m['frechet_noise']:.3f}"))
-    else:
-        rows.append(("floor: real train vs held-out", "-", f"{m['frechet_floor']:.3f}"))
-        rows.append(("baseline: per-class pixel Gaussian", f"{m['baseline_class_accuracy']:.3f}",
-                     f"{m['frechet_baseline']:.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    extra = "" if shapes else f"; classifier held-out accuracy {m['classifier_heldout_accuracy']:.3f}"
-    lines.append(f"(n = {m['n_samples']} samples{extra}; train {m['train_seconds']} s, eval {m['eval_seconds']} s)")
-    if m.get("plot"):
-        lines.append(f"fidelity-vs-alignment plot: {m['plot']}")
-    return "\n".join(lines)
-
-
 def _metrics_rows(m: dict) -> list[tuple[str, ...]]:
     shapes = m.get("dataset") == "shapes"
     cols = ("colour acc.", "shape acc.", "both", "Fréchet") if shapes else ("class acc.", "Fréchet")

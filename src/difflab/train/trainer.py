@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
