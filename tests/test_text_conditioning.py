@@ -174,3 +174,17 @@ def test_generate_slices_per_sample_negative_prompts_by_batch(text_denoiser):
         generate(text_denoiser, (3, 8, 8), 5, cond=cond, null_cond=text_cond(2, 4, 1), progress=False)
     with pytest.raises(ValueError, match="cannot expand"):
         text_cond(2, 4, 1).expand(5)
+
+
+def test_sampling_settings_resolve_and_generate_takes_guidance_only_with_a_null_condition():
+    from difflab.generate import DEFAULTS, SamplingSettings, generate
+    from difflab.testing import GaussianMixture
+
+    s = SamplingSettings.of(SamplingSettings(steps=7), sampler="euler", eta=0.5)
+    assert (s.sampler, s.steps, s.options) == ("euler", 7, {"eta": 0.5})
+    full = s.resolve(SamplingSettings(sampler="ddim", steps=50, seed=3, options={"eta": 0.1})).resolve(DEFAULTS)
+    assert (full.sampler, full.steps, full.seed, full.options, full.batch_size) == ("euler", 7, 3, {"eta": 0.5}, 256)
+    gm = GaussianMixture.default(2)
+    with pytest.raises(ValueError, match="need null_cond"):
+        generate(gm, (2,), 4, SamplingSettings(guidance=3.0, steps=2), progress=False)
+    assert generate(gm, (2,), 4, SamplingSettings(steps=2), progress=False).shape == (4, 2)
