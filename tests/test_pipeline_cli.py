@@ -45,6 +45,9 @@ def test_pipeline_label_errors(run_dir):
         pipe(n=2, labels=[3, 10], steps=2, progress=False)
     with pytest.raises(ValueError, match="valid samplers"):
         pipe(n=2, sampler="nope", steps=2, progress=False)
+    with pytest.raises(ValueError, match="guide replaces classifier-free guidance; it takes no guidance"):
+        pipe(n=2, steps=2, guidance=3, guide=lambda d: d, progress=False)
+    assert pipe(n=2, steps=2, guide=lambda d: d, progress=False).shape == (2, 1, 8, 8)
 
 
 def test_cli_sample_writes_png_and_npz(run_dir, tmp_path, capsys):
