@@ -19,7 +19,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     **dict.fromkeys(["schedules", "cond", "config", "files", "seeds", "tables", "tensors",
-                     "devices", "runs", "images", "nn"], 0),  # foundations
+                     "devices", "interrupts", "runs", "images", "nn"], 0),  # foundations
     **dict.fromkeys(["denoisers", "samplers", "guidance", "generate", "testing"], 1),  # protocols
     **dict.fromkeys(["data", "text", "metrics", "conditioning", "latents", "loading", "train", "memory",
                      "evaluation"], 2),  # workflows

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from difflab import runs
 from difflab.config import ConfigError, load_config
 from difflab.data import load_digits, load_image_folder
 from difflab.train import train
@@ -45,7 +46,7 @@ def test_train_on_an_image_folder(tmp_path, tiny_cfg):
     cfg = tiny_cfg("data.dataset=folder", f"data.path={tmp_path / 'imgs'}", "data.image_size=8",
                    "data.channels=3", "train.batch_size=4", "train.steps=2")
     run = train(cfg, progress=False)
-    assert (run / "ema.safetensors").exists()
+    assert runs.weights_path(run).exists()
 
 
 def test_digits_config_must_match_the_data():

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from difflab import runs
 from difflab import memory as M
 from difflab.cli import main
 from difflab.config import load_config
@@ -92,7 +93,7 @@ def test_vae_training_resumes_bit_exact_and_saves_its_scaling(tmp_path):
     half = _vae_cfg(tmp_path, "b", "train.steps=2")
     train_vae(half, progress=False)
     resumed = train_vae(_vae_cfg(tmp_path, "b"), resume=True, progress=False)
-    wa, wb = load_file(str(straight / "ema.safetensors")), load_file(str(resumed / "ema.safetensors"))
+    wa, wb = load_file(str(runs.weights_path(straight))), load_file(str(runs.weights_path(resumed)))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     vae = load_vae(straight)
     assert torch.isfinite(vae.scaling_factor) and vae.scaling_factor.item() > 0
@@ -147,9 +148,9 @@ def test_latent_model_end_to_end_and_refuses_another_vae(tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--n", "4", "--steps", "3", "--out", str(tmp_path / "s.png"),
                  "--quiet"]) == 0
 
-    weights = load_file(str(tmp_path / "vae" / "ema.safetensors"))
+    weights = load_file(str(runs.weights_path(tmp_path / "vae")))
     weights["dec_out.bias"] += 0.1  # the same VAE folder, other weights
-    save_file(weights, str(tmp_path / "vae" / "ema.safetensors"))
+    save_file(weights, str(runs.weights_path(tmp_path / "vae")))
     with pytest.raises(ValueError, match="trained in the latent space of the VAE"):
         load(run)
     assert main(["train", *model, "train.steps=4", "--resume", "--quiet", "--no-eval"]) == 2

@@ -145,7 +145,7 @@ def test_cli_prints_the_plan(tiny_cfg, capsys):
     assert "memory plan on cpu" in out and "train batch 8" in out
     assert sum(line.lstrip().startswith("train") for line in out.splitlines()) == 4  # fp32/bf16 x ckpt off/on
     assert main(["memory", "configs/digits.yaml", "--batch-size", "0"]) == 2
-    assert "expected a batch size >= 1, got 0" in capsys.readouterr().err
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_tracker_still_counts_after_ignored_tensors_are_dropped():

@@ -65,7 +65,7 @@ def test_cli_sample_writes_png_and_npz(run_dir, tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert "is not a difflab run folder (missing config.yaml" in err and err.count("\n") == 1
+    assert "is not a difflab run folder (it has no config.yaml" in err and err.count("\n") == 1
     assert main(["train", "train.stpes=3", f"out={tmp_path / 'r'}"]) == 2
     assert "unknown config key 'train.stpes' (did you mean 'train.steps'?)" in capsys.readouterr().err
     assert main(["eval", "--run", str(tmp_path / "missing")]) == 2

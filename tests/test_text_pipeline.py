@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import difflab
+from difflab import runs
 from difflab.cli import main
 from difflab.config import ConfigError, load_config
 from difflab.train import train
@@ -89,7 +90,7 @@ def test_text_training_resumes_bit_exactly(tmp_path):
     train(cfg(2, "resumed"), progress=False)
     train(cfg(4, "resumed"), resume=True, progress=False)
     for name in ("model", "ema"):
-        a, b = (load_file(str(tmp_path / run / f"{name}.safetensors")) for run in ("straight", "resumed"))
+        a, b = (load_file(str(runs.weights_path(tmp_path / run, name))) for run in ("straight", "resumed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from difflab import runs
 from difflab.train import Trainer, TrainingError, train
 from difflab.train.trainer import batch_indices
 
 
 def _weights(run: Path, name="model"):
-    return load_file(str(run / f"{name}.safetensors"))
+    return load_file(str(runs.weights_path(run, name)))
 
 
 def _assert_same(a: dict, b: dict, exact: bool):
@@ -84,7 +85,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg):
     trainer.train_step = poisoned
     with pytest.raises(TrainingError, match=r"loss became nan at step 3; .*last good checkpoint \(step 2\)"):
         trainer.fit()
-    state = torch.load(Path(cfg.out) / "trainer_state.pt", weights_only=True)
+    state = runs.load_trainer_state(cfg.out)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in _weights(Path(cfg.out)).values())
 

@@ -3,6 +3,7 @@ parses arguments."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ from .config import ConfigError, load_config, parse_overrides
 from .evaluation import evaluate, evaluate_against_reference, format_evaluation, format_metrics
 from .generate import SamplingSettings
 from .memory import format_plan, plan
-from .pipelines import fid_stats, load, save_samples
-from .runs import RunFolderError
+from .pipelines import check_output, fid_stats, load, save_samples
+from .interrupts import Interrupted
+from .runs import RunFolderError, RunLockedError
 from .samplers import SAMPLERS
 from .tables import format_table
 from .train import TrainingError, evaluate_vae, train, train_vae
@@ -29,7 +31,7 @@ def _config(args):
 
 def _train(args) -> None:
     cfg = _config(args)
-    run = train(cfg, resume=args.resume, progress=not args.quiet)
+    run = train(cfg, resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
     if devices.group_is_initialized():
         rank = devices.init_distributed(devices.resolve_device(cfg.train.device)).rank
         devices.destroy_group()
@@ -41,7 +43,7 @@ def _train(args) -> None:
 
 
 def _train_vae(args) -> None:
-    run = train_vae(_config(args), resume=args.resume, progress=not args.quiet)
+    run = train_vae(_config(args), resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
     print(f"run folder: {run}")
     if not args.no_eval:
         m = evaluate_vae(run)
@@ -52,6 +54,7 @@ def _train_vae(args) -> None:
 
 
 def _memory(args) -> None:
+    _at_least_one(args, "batch_size")
     print(format_plan(plan(_config(args), args.batch_size, device=args.device)))
 
 
@@ -62,6 +65,7 @@ def _print_eval(run, **kw) -> None:
 
 
 def _eval(args) -> None:
+    _at_least_one(args, "n", "steps", "shard_size", "batch_size")
     settings = SamplingSettings(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed)
     if args.ref is None and args.metrics is None:  # the built-in digits / shapes evaluation
         _print_eval(args.run, settings=settings, extra_guidance=args.extra_guidance, n=args.n,
@@ -84,9 +88,27 @@ def _set_fields(settings: SamplingSettings) -> dict:
     return {k: v for k, v in vars(settings).items() if v is not None and k != "options"}
 
 
+def _labels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--labels expects comma-separated integers such as 3 or 0,1,2, got {text!r}") from None
+
+
+def _at_least_one(args, *names: str) -> None:
+    """Counts given on the command line (``None``: not given) must be >= 1."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
 def _sample(args) -> None:
-    pipe = load(args.run, weights=args.weights)
-    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    _at_least_one(args, "n", "nrow", "batch_size", "steps")
+    check_output(args.out)
+    pipe = load(args.run, weights=args.weights, verify=not args.no_verify)
+    labels = _labels(args.labels)
     if labels is not None and len(labels) == 1:
         labels = labels * args.n
     if labels is not None and len(labels) != args.n:
@@ -105,6 +127,8 @@ def _sample(args) -> None:
 
 
 def _fid_stats(args) -> None:
+    _at_least_one(args, "image_size")
+    check_output(args.out, (".npz",))
     meta = fid_stats(args.folder, args.out, extractor=args.extractor, image_size=args.image_size,
                      weights=args.weights, clip=args.clip, progress=not args.quiet)
     print(f"wrote {args.out} ({meta['extractor']} features of {meta['n']} images)")
@@ -119,6 +143,24 @@ def _samplers(args) -> None:
           "  unipc: UniP-3 with the UniC corrector; corrector=False gives order 3.")
 
 
+def _floats(text: str) -> list[float]:
+    """A comma-separated list of finite numbers (argparse reports the ValueError)."""
+    values = [float(v) for v in text.split(",") if v]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(text)
+    return values
+
+
+_floats.__name__ = "comma-separated numbers"  # argparse names the type in its message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one ``difflab: error:`` line (exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"difflab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _config_args(parser) -> None:
     parser.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500 model.channels=64")
@@ -128,6 +170,7 @@ def _train_args(parser) -> None:
     _config_args(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in the config's out folder")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    parser.add_argument("--no-verify", action="store_true", help="resume without checking the checkpoint's SHA-256")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -169,8 +212,10 @@ def _sample_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--weights", default="ema", choices=["ema", "model"])
+    s.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the weights (huge models)")
     s.add_argument("--nrow", type=int, default=8)
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--out", default="samples.png", help="a .png or .jpg grid (the samples beside it as .npz), "
+                                                         "or .npz alone")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_sample)
 
@@ -183,7 +228,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("--sampler", default=None)
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--guidance", type=float, default=None)
-    e.add_argument("--extra-guidance", type=lambda s: [float(v) for v in s.split(",") if v], default=None,
+    e.add_argument("--extra-guidance", type=_floats, default=None,
                    help="comma-separated further guidance scales to report")
     e.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
                    help="number of samples (default: the run's eval.n_samples)")
@@ -218,24 +263,48 @@ def _fid_stats_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="difflab", description="Diffusion models: train, sample, evaluate.")
+    p = Parser(prog="difflab", description="Diffusion models: train, sample, evaluate.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     _training_parsers(sub)
     _sample_parser(sub)
     _eval_parser(sub)
     _fid_stats_parser(sub)
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=_samplers)
+    for command in sub.choices.values():  # `difflab sample ... --debug` as well as `difflab --debug sample ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
+USER_ERRORS = (ConfigError, RunFolderError, RunLockedError, TrainingError, ValueError, OSError)
+
+
 def main(argv=None) -> int:
+    """Run one command; a user error (a bad input, a damaged file, a full disk) is one ``difflab: error:``
+    line and exit code 2, a stop on SIGINT/SIGTERM one line and 128 + the signal (``--debug``: tracebacks)."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, RunFolderError, TrainingError, ValueError, FileNotFoundError) as err:
-        print(f"difflab: error: {err}", file=sys.stderr)
+    except Interrupted as stop:
+        print(f"difflab: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("difflab: aborted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"difflab: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror and not isinstance(err, RunFolderError):
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

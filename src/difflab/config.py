@@ -6,11 +6,15 @@ The defaults are the digits job that ``difflab train`` runs with no arguments
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
+
+from . import schedules
 
 
 class ConfigError(ValueError):
@@ -98,6 +102,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0          # 0 = torch's default
     checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # the newest checkpoints kept in the run folder (the last one is published)
     sample_every: int = 1000
     log_every: int = 50
 
@@ -143,6 +148,8 @@ def _coerce(key: str, value, annotation, meta):
         value = float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(meta['choices'])}, got {value!r}")
     return value
@@ -180,18 +187,52 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+#: keys that a run folder written before they existed may lack (they take their defaults)
+ADDED_KEYS = {"train.keep_checkpoints"}
+
+POSITIVE = ("model.channels", "model.num_res_blocks", "model.transformer_depth", "model.text_max_length",
+            "model.head_dim", "model.groups", "vae.groups", "vae.num_res_blocks", "diffusion.timesteps",
+            "diffusion.sigma_data", "diffusion.min_snr_gamma", "data.image_size", "train.steps", "train.batch_size",
+            "train.grad_accum", "train.lr", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+            "eval.steps", "eval.n_samples", "eval.batch_size")
+NON_NEGATIVE = ("train.warmup", "train.weight_decay", "train.grad_clip", "train.threads", "train.sample_every",
+                "vae.beta")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _value(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key in POSITIVE:
+        value = _value(cfg, key)
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be {'>= 1' if isinstance(value, int) else '> 0'}, got {value}")
+    for key in NON_NEGATIVE:
+        if _value(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {_value(cfg, key)}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"config key 'model.dropout' must lie in [0, 1), got {cfg.model.dropout}")
+    if not DEVICE.fullmatch(cfg.train.device):
+        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda, cuda:<index> or mps, got {cfg.train.device!r}")
+    levels = len(cfg.model.channel_mult)
+    wrong = [a for a in cfg.model.attn_levels if not 0 <= a < levels]
+    if wrong:
+        raise ConfigError(f"config key 'model.attn_levels' names levels {wrong}; the U-Net has levels 0 .. {levels - 1} "
+                          f"(one per entry of model.channel_mult)")
+    spacings = schedules.build(cfg.diffusion.schedule, cfg.diffusion.timesteps).spacings
+    if cfg.eval.spacing and cfg.eval.spacing not in spacings:
+        raise ConfigError(f"config key 'eval.spacing' must be one of {', '.join(spacings)} for the "
+                          f"{cfg.diffusion.schedule} schedule (or empty for its own grid), got {cfg.eval.spacing!r}")
+
+
 def validate(cfg: Config) -> Config:
     m, t = cfg.model, cfg.train
-    positive = {"model.channels": m.channels, "model.num_res_blocks": m.num_res_blocks,
-                "model.transformer_depth": m.transformer_depth, "model.text_max_length": m.text_max_length,
-                "model.head_dim": m.head_dim, "train.steps": t.steps, "train.batch_size": t.batch_size,
-                "train.grad_accum": t.grad_accum, "eval.steps": cfg.eval.steps,
-                "eval.n_samples": cfg.eval.n_samples, "data.image_size": cfg.data.image_size}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if not m.channel_mult or any(v < 1 for v in m.channel_mult):
         raise ConfigError(f"config key 'model.channel_mult' must be a non-empty list of positive ints, got {m.channel_mult}")
+    _check_ranges(cfg)
     widths = [m.channels * k for k in m.channel_mult]
     if any(w % m.groups for w in widths):
         raise ConfigError(f"config key 'model.groups' ({m.groups}) must divide every level width {widths}")
@@ -239,12 +280,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         _apply(cfg, data)
     _apply(cfg, parse_overrides(overrides or []))
     return validate(cfg)
+
+
+def missing_keys(data: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """The config keys that ``data`` (a run's written config) lacks, less ``ADDED_KEYS``."""
+    defaults = Config().to_dict() if defaults is None else defaults
+    out = []
+    for key, value in defaults.items():
+        path = f"{prefix}{key}"
+        if key not in data:
+            out += [] if path in ADDED_KEYS else [path]
+        elif isinstance(value, dict) and isinstance(data[key], dict):
+            out += missing_keys(data[key], value, f"{path}.")
+    return out
 
 
 def config_from_dict(data: dict) -> Config:

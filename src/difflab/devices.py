@@ -28,7 +28,17 @@ def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` is CUDA when there is one, else the CPU; any other name as torch reads it."""
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(name)!r}; expected auto, cpu, cuda, cuda:<index> or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r} asked for, but torch sees no CUDA GPU here; use cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(name)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r} asked for, but torch sees no MPS device here; use cpu or auto")
+    return device
 
 
 def init_distributed(device: torch.device) -> DistInfo:
@@ -62,6 +72,15 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(value)
         value /= info.world_size
     return value
+
+
+def any_across_ranks(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on any rank (every rank must call this at the same point)."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def barrier(info: DistInfo) -> None:

@@ -1,4 +1,5 @@
-"""Atomic file writes (imports nothing from difflab): readers never see half a file."""
+"""Atomic file writes (imports nothing from difflab): readers never see half a file, and a file
+that was renamed into place survives a crash (the file and its folder are fsynced)."""
 from __future__ import annotations
 
 import json
@@ -9,20 +10,41 @@ from pathlib import Path
 import numpy as np
 
 
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files are ".<name>.<random>.tmp" beside their target
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files only their owner can read
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_folder(folder) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_npz(path, **arrays) -> None:

@@ -7,6 +7,8 @@ and where nothing else says, :data:`DEFAULTS`.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -37,6 +39,24 @@ class SamplingSettings:
     negative_prompt: str | None = None
     seed: int | None = None
     batch_size: int | None = None
+
+    def __post_init__(self):
+        for name, kind in (("sampler", str), ("spacing", str), ("negative_prompt", str)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name, least in (("steps", 1), ("batch_size", 1), ("seed", None)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value is not None and least is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
+        for name, low, high in (("guidance", -math.inf, math.inf), ("guidance_rescale", 0.0, 1.0)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if value is not None and not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{name} must be a finite number{'' if high == math.inf else f' in [{low:g}, {high:g}]'}, "
+                                 f"got {value!r}")
 
     @classmethod
     def of(cls, settings: SamplingSettings | None = None, **overrides) -> SamplingSettings:
@@ -84,6 +104,32 @@ def _check_conditions(n: int, cond: Cond | None, null_cond: Cond | None, s: Samp
                          "unconditional or negative condition); a denoiser that is already guided takes neither")
 
 
+def _check_count(n: int, shape) -> None:
+    """``n`` samples that fit in memory: they are returned as one float32 tensor."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"the number of samples must be an integer >= 0, got {n!r}")
+    need, have = n * math.prod(shape) * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise ValueError(f"{n} samples of shape {tuple(shape)} need {need / 2**30:.1f} GiB as float32, more than half "
+                         f"of this machine's {have / 2**30:.1f} GiB; draw them in parts (first_index=...)")
+
+
+class NonFiniteSample(ValueError):
+    pass
+
+
+def _check_finite(steps: int, then=None):
+    """A sampler callback that stops at the first step whose denoised estimate is not finite, and
+    otherwise calls the caller's own callback ``then``."""
+    def check(info):
+        if not torch.isfinite(info["x0_hat"]).all():
+            raise NonFiniteSample(f"sampling produced NaN or infinite values at step {info['i'] + 1} of {steps} "
+                                  f"(sigma {info['sigma']:.4g}): the weights, condition or settings are not sound")
+        if then is not None:
+            then(info)
+    return check
+
+
 def _model_device(denoiser) -> torch.device:
     params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []
     return params[0].device if params else torch.device("cpu")
@@ -103,6 +149,7 @@ def generate(denoiser, shape, n: int, settings: SamplingSettings | None = None, 
     samples k .. k + n - 1 of the seed's stream (shards of one run).
     """
     s = (settings or SamplingSettings()).resolve(DEFAULTS)
+    _check_count(n, shape)
     _check_conditions(n, cond, null_cond, settings or SamplingSettings())
     info = sampler_info(s.sampler)
     options = check_options(s.sampler, s.options)
@@ -131,4 +178,10 @@ def _sample_batch(model, info, sigmas: Tensor, seeds: list[int], shape, cond, de
     if info.brownian:
         positive = sigmas[sigmas > 0]
         noise = BrownianNoise(seeds, shape, float(positive.min()), float(positive.max()), device=device)
-    return info.fn(model, x, sigmas, cond, noise=noise, progress=False, **options).float().cpu()
+    options = dict(options)
+    callback = _check_finite(len(sigmas) - 1, options.pop("callback", None))
+    x = info.fn(model, x, sigmas, cond, noise=noise, progress=False, callback=callback, **options)
+    if not torch.isfinite(x).all():
+        raise NonFiniteSample("sampling produced NaN or infinite values at its last step: the weights, condition "
+                              "or settings are not sound")
+    return x.float().cpu()

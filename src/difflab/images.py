@@ -31,9 +31,14 @@ def make_grid(x: torch.Tensor, nrow: int = 8, pad: int = 1, upscale: int = 1) ->
     return image
 
 
-def save_grid(x: torch.Tensor, path, nrow: int = 8) -> Path:
+def save_grid(x: torch.Tensor, path, nrow: int = 8, format: str = "PNG") -> Path:
+    """A grid of ``x`` (``nrow`` images a row) at ``path``, in the PIL ``format`` (PNG, JPEG)."""
+    if not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be an integer >= 1, got {nrow!r}")
+    if len(x) == 0:
+        raise ValueError("no images to put in a grid")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     upscale = max(1, 64 // x.shape[-1])
-    atomic_write(path, lambda tmp: make_grid(x, nrow, upscale=upscale).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: make_grid(x, nrow, upscale=upscale).save(tmp, format=format))
     return path

@@ -78,9 +78,10 @@ class Pipeline:
         if prompt is not None or negative_prompt:
             raise ValueError("this model is not text-conditional; it takes no prompt")
         if self.num_classes:
-            labels = torch.arange(n) % self.num_classes if labels is None else torch.as_tensor(labels).long()
+            labels = torch.arange(n) % self.num_classes if labels is None else _integer_labels(labels)
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"labels must lie in [0, {self.num_classes - 1}], got {labels.tolist()}")
+                wrong = sorted(set(labels[(labels < 0) | (labels >= self.num_classes)].tolist()))
+                raise ValueError(f"labels must lie in [0, {self.num_classes - 1}], got {', '.join(map(str, wrong))}")
             return self.conditioner.cond(labels), self.conditioner.null()
         if labels is not None:
             raise ValueError("this model is unconditional; it takes no labels")
@@ -113,10 +114,24 @@ class Pipeline:
         return self.decode(x, s.batch_size).clamp(-1, 1)
 
 
-def load(run, weights: str = "ema", device: str = "auto") -> Pipeline:
-    """The pipeline of a run folder; ``weights`` is ``ema`` or ``model``."""
+def _integer_labels(labels) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"labels must be a list of integers, got {labels!r}") from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex() or t.ndim > 1:
+        raise ValueError(f"labels must be a list of integers, got {labels!r}")
+    return t.long().reshape(-1)
+
+
+def load(run, weights: str = "ema", device: str = "auto", verify: bool = True) -> Pipeline:
+    """The pipeline of a run folder's published checkpoint; ``weights`` is ``ema`` or ``model``.
+    The weights are checked against the SHA-256 their checkpoint recorded (``verify=False`` skips
+    it, for speed on huge models) and for NaN/inf values."""
     run = runs.check_run(run)
     path = runs.weights_path(run, weights)
+    if verify:
+        runs.verify_checkpoint(runs.published(run), [path.name])
     cfg = runs.read_config(run)
     shapes = runs.weights_shapes(path)
     num_classes = shapes["label_emb.weight"][0] - 1 if "label_emb.weight" in shapes else None

@@ -16,20 +16,40 @@ from .files import save_npz
 from .images import save_grid
 from .loading import Pipeline, load
 
-__all__ = ["Pipeline", "evaluate", "evaluate_against_reference", "fid_stats", "format_evaluation", "format_metrics",
+__all__ = ["Pipeline", "check_output", "evaluate", "evaluate_against_reference", "fid_stats", "format_evaluation", "format_metrics",
            "load", "save_samples"]
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def check_output(out: Path, suffixes=(".png", ".jpg", ".jpeg", ".npz")) -> str:
+    """The lower-case suffix of an output file name, which says its format: one of ``suffixes``, in a
+    folder that is (or can be made) a folder; checked before the work that makes the output."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in suffixes:
+        raise ValueError(f"output {out}: expected a {', '.join(suffixes)} file name, got suffix "
+                         f"{Path(out).suffix or '(none)'!r}")
+    folder = next(p for p in Path(out).absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"output {out}: {folder} is a file, not a folder")
+    return suffix
+
+
 def save_samples(images: torch.Tensor, out: Path, labels=None, nrow: int = 8) -> list[Path]:
-    """A PNG grid at ``out`` and the raw samples (float32, [-1, 1]) beside it as ``.npz``."""
+    """The samples at ``out``, in the format its suffix names: a ``.png`` / ``.jpg`` grid, with the raw
+    samples (float32, [-1, 1]) and their labels beside it as ``.npz``; or ``.npz`` alone."""
     out = Path(out)
-    png = save_grid(images, out, nrow=nrow)
-    npz = out.with_suffix(".npz")
+    suffix = check_output(out)
+    written = []
+    if suffix in IMAGE_FORMATS:
+        written.append(save_grid(images, out, nrow=nrow, format=IMAGE_FORMATS[suffix]))
     arrays = {"images": images.numpy()}
     if labels is not None:
         arrays["labels"] = np.asarray(labels)
+    npz = out.with_suffix(".npz")
     save_npz(npz, **arrays)
-    return [png, npz]
+    return written + [npz]
 
 
 def fid_stats(folder, out, *, extractor: str = "inception", image_size: int | None = None,

@@ -118,12 +118,16 @@ def _check_batch(cfg: Config, batch_size: int | None) -> tuple[int, int]:
 
 
 def _resolve_device(cfg: Config, device: str | None) -> str:
-    name = resolve_device(device or cfg.train.device).type
+    asked = str(device or cfg.train.device)
+    if asked.startswith("cuda") and not torch.cuda.is_available():
+        raise PlanError(f"expected a CUDA device for device={asked} (its kernels are chosen by the GPU), got none; "
+                        "plan with device=cpu")
+    try:
+        name = resolve_device(asked).type
+    except ValueError as err:
+        raise PlanError(str(err)) from None
     if name not in ("cpu", "cuda"):
         raise PlanError(f"expected device cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PlanError("expected a CUDA device for device=cuda (its kernels are chosen by the GPU), got none; "
-                        "plan with device=cpu")
     return name
 
 

@@ -6,6 +6,8 @@ follow torch-fidelity (Obukhov et al.) so that, given the same features and seed
 """
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -278,9 +280,18 @@ def save_npz(path, mu, sigma, **meta) -> None:
 def load_npz(path) -> dict:
     """Read an .npz with ``mu`` and ``sigma`` (ours, pytorch-fid's or clean-fid's); returns a dict
     with float64 ``mu``, ``sigma`` and any scalar metadata as Python values."""
-    with np.load(path, allow_pickle=False) as z:
+    remedy = "make reference statistics with `difflab fid-stats FOLDER --out ref.npz`"
+    try:
+        z = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or a damaged one
+        raise ValueError(f"{path}: not a readable .npz of reference statistics ({err}) ({remedy})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds one array (an .npy), not an .npz of reference statistics ({remedy})")
+    with z:
         out = {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
     if "mu" not in out or "sigma" not in out:
-        raise KeyError(f"{path}: expected keys 'mu' and 'sigma', found {sorted(out)}")
+        raise ValueError(f"{path}: expected the keys 'mu' and 'sigma', found {sorted(out)} ({remedy})")
     out["mu"], out["sigma"] = np.asarray(out["mu"], np.float64), np.asarray(out["sigma"], np.float64)
     return out

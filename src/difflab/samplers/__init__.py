@@ -6,6 +6,7 @@ noise=None, callback=None, progress=True, **knobs)``.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,15 +77,26 @@ def check_options(name: str, options: dict) -> dict:
 
 
 def _option_value(name: str, key: str, value, default):
-    if default is None or ((type(value) is bool) == (type(default) is bool) and isinstance(value, type(default))):
-        return value
+    wrong = ValueError(f"expected {type(default).__name__} for sampler {name!r} option {key!r} "
+                       f"(default {default!r}), got {value!r}")
     if isinstance(default, float) and type(value) is not bool:
         try:
-            return float(value)  # YAML reads 1e-3 and inf as strings
+            value = float(value)  # YAML reads 1e-3 and inf as strings
         except (TypeError, ValueError):
-            pass
-    raise ValueError(f"expected {type(default).__name__} for sampler {name!r} option {key!r} "
-                     f"(default {default!r}), got {value!r}")
+            raise wrong from None
+        return _float_option(name, key, value, default)
+    if default is None or ((type(value) is bool) == (type(default) is bool) and isinstance(value, type(default))):
+        return value
+    raise wrong
+
+
+def _float_option(name: str, key: str, value: float, default: float) -> float:
+    """Every float option of the samplers (eta, s_churn, s_tmin, s_tmax, s_noise, r) is a scale or a
+    sigma: >= 0, and infinite only where its default is (s_tmax)."""
+    if math.isnan(value) or value < 0 or (math.isinf(value) and not math.isinf(default)):
+        raise ValueError(f"sampler {name!r} option {key!r} must be a {'' if math.isinf(default) else 'finite '}"
+                         f"number >= 0, got {value!r}")
+    return value
 
 
 __all__ = ["SAMPLERS", "BrownianNoise", "SamplerInfo", "SeededNoise", "ancestral_step", "check_options",

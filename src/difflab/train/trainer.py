@@ -1,4 +1,8 @@
-"""The training loop: AdamW with warm-up, clipping, accumulation, AMP, EMA, DDP, atomic checkpoints.
+"""The training loop: AdamW with warm-up, clipping, accumulation, AMP, EMA, DDP, checkpoints.
+
+A run has one writer (``runs.RunLock``); its checkpoints are published whole (``runs.save_checkpoint``),
+so a kill at any moment loses at most the steps since the last one; SIGINT and SIGTERM save a
+checkpoint after the current step and stop (``interrupts``).
 
 Every random draw of step ``k`` (which examples, which noise levels, which
 noise, which labels are dropped) comes from a generator seeded by (seed, k) and
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +26,16 @@ from tqdm.auto import tqdm
 
 from .. import devices, runs
 from ..conditioning import TextConditioner, conditioner_for
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import load_data
 from ..data.shapes import COLOURS, SHAPES, single_object_prompts
 from ..devices import DistInfo, barrier
 from ..generate import SamplingSettings, generate
+from ..files import write_text
 from ..images import save_grid
+from ..interrupts import Interrupted, StopRequests
 from ..latents import check_vae, decode_latents, latent_data, load_vae, vae_identity
+from ..samplers import sampler_info
 from ..seeds import derive_seed
 from .build import autocast, build_denoiser, build_unet, data_shape, diffusion_loss
 from .step import NonFiniteLoss, TrainingParts, training_step
@@ -87,8 +96,12 @@ class Trainer:
     is ``train.step.training_step``.
     """
 
-    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True, verify: bool = True):
+        self.cfg, self.progress, self.verify = cfg, progress, verify
+        try:  # the eval sampler is named in the config; a wrong name should not wait for the first grid
+            sampler_info(cfg.eval.sampler)
+        except ValueError as err:
+            raise ConfigError(f"config key 'eval.sampler': {err}") from None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device, self.dist = devices.setup(cfg.train.device)
@@ -97,13 +110,34 @@ class Trainer:
             autocast(self.device.type, cfg.train.precision)
         except ValueError as err:
             raise TrainingError(str(err)) from None
-        self.run = Path(cfg.out)
-        self.resuming = resume
+        self.run, self.resuming, self.lock = Path(cfg.out), resume, None
+        self._claim_run(resume)
+        try:
+            self._prepare(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim_run(self, resume: bool) -> None:
+        """Lock the run folder (main rank), clear what interrupted writes left, and refuse to start
+        over a run that has a checkpoint (or to resume a folder that is no run)."""
         if resume:
-            runs.check_run(self.run)
-        elif runs.has_checkpoint(self.run):
+            runs.check_run(self.run, need_weights=False)
+        if self.run.exists() and not self.run.is_dir():
+            raise TrainingError(f"out={self.run} is a file, not a run folder; choose another folder with out=...")
+        if self.dist.is_main:
+            self.created = not self.run.exists()
+            self.lock = runs.RunLock(self.run)
+            for note in [self.lock.acquire()] + [_leftovers(runs.clean_unpublished(self.run))]:
+                if note:
+                    print(f"difflab: {note}", file=sys.stderr)
+        barrier(self.dist)
+        if not resume and runs.has_checkpoint(self.run):
             raise TrainingError(f"{self.run} already holds a run; pass --resume to continue it "
                                 "or choose another folder with out=...")
+
+    def _prepare(self, resume: bool) -> None:
+        cfg = self.cfg
         self.data = load_data(cfg.data, "train")
         torch.manual_seed(cfg.train.seed)
         t = cfg.train
@@ -114,6 +148,15 @@ class Trainer:
         self.last_checkpoint = None
         if resume:
             self._resume()
+
+    def close(self) -> None:
+        """Release the run folder (a folder this trainer created and left empty is removed)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+            if self.created and [p.name for p in self.run.iterdir()] == [runs.LOCK]:
+                (self.run / runs.LOCK).unlink()
+                self.run.rmdir()
 
     @property
     def net(self) -> torch.nn.Module:
@@ -207,24 +250,50 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
+        changed = _changed_keys(runs.read_config_dict(self.run), self.cfg)
+        if changed:
+            raise TrainingError(f"--resume with another model or data than the run's {runs.CONFIG}: "
+                                f"{'; '.join(changed[:3])} (pass the run's own config: "
+                                f"`difflab train {self.run / runs.CONFIG} out={self.run} --resume`)")
         for name, mine in self.records().items():
             self.check_record(name, mine)
-        state = runs.load_trainer_state(self.run)
-        steps = {runs.load_weights(runs.weights_path(self.run, "model"), self.net),
-                 runs.load_weights(runs.weights_path(self.run, "ema"), self.ema.model), state["step"]}
+        ckpt = runs.published(self.run)
+        if ckpt is None:
+            print(f"difflab: {self.run} has no checkpoint yet; training starts from step 0", file=sys.stderr)
+            return
+        if self.verify:
+            runs.verify_checkpoint(ckpt)
+        state = runs.load_trainer_state(self.run, ckpt)
+        steps = {runs.load_weights(ckpt.path("model.safetensors"), self.net),
+                 runs.load_weights(ckpt.path("ema.safetensors"), self.ema.model), state["step"]}
         if len(steps) != 1:
-            raise TrainingError(f"checkpoint files in {self.run} disagree on the step ({sorted(steps)}); "
+            raise TrainingError(f"checkpoint files in {ckpt.folder} disagree on the step ({sorted(steps)}); "
                                 "the run was interrupted while saving")
-        self.parts.opt.load_state_dict(state["optimizer"])
-        self.parts.scaler.load_state_dict(state["scaler"])
+        try:
+            self.parts.opt.load_state_dict(state["optimizer"])
+            self.parts.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise runs.RunFileError(ckpt.path(runs.TRAINER_STATE), f"its optimizer state does not fit the model ({err})",
+                                    "it belongs to another run") from None
         self.step = self.last_checkpoint = state["step"]
         self.seconds = state.get("seconds", 0.0)
+        if self.dist.is_main:
+            _trim_log(self.run / runs.TRAINING_LOG, self.step)
 
     def save(self) -> None:
+        """Publish a checkpoint of this step (once); a full disk leaves the last one published."""
+        if self.step == self.last_checkpoint:
+            return
         if self.dist.is_main:
             state = {"step": self.step, "optimizer": self.parts.opt.state_dict(),
                      "scaler": self.parts.scaler.state_dict(), "seconds": self.seconds + time.time() - self.start_time}
-            runs.save_checkpoint(self.run, self.net, self.ema.model, state)
+            try:
+                runs.save_checkpoint(self.run, self.net, self.ema.model, state, keep=self.cfg.train.keep_checkpoints)
+            except OSError as err:
+                kept = (f"the checkpoint of step {self.last_checkpoint} is intact" if self.last_checkpoint is not None
+                        else "no checkpoint was published yet")
+                raise TrainingError(f"{err.filename or self.run}: could not write the checkpoint of step {self.step}: "
+                                    f"{err.strerror or err} ({kept}; free space, then continue with --resume)") from None
         self.last_checkpoint = self.step
         barrier(self.dist)
 
@@ -267,24 +336,32 @@ class Trainer:
         """After the last step (also when a finished run is resumed); the VAE trainer estimates its scaling here."""
 
     def fit(self) -> Path:
+        """Train to ``train.steps``; on SIGINT/SIGTERM save after the current step and raise ``Interrupted``."""
         t = self.cfg.train
-        if self.dist.is_main:
-            self.run.mkdir(parents=True, exist_ok=True)
-            runs.write_config(self.run, self.cfg)
-            for name, record in self.records().items():
-                runs.write_record(self.run, name, record)
         self.start_time, self.first_step = time.time(), self.step
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
-        log = open(self.run / runs.TRAINING_LOG, "a") if self.dist.is_main else None
+        log = None
         try:
-            while self.step < t.steps:
-                self._after_step(self.train_step(), bar, log)
+            if self.dist.is_main:
+                self.run.mkdir(parents=True, exist_ok=True)
+                runs.write_config(self.run, self.cfg)
+                for name, record in self.records().items():
+                    runs.write_record(self.run, name, record)
+                log = open(self.run / runs.TRAINING_LOG, "a")
+            with StopRequests() as stop:
+                while self.step < t.steps:
+                    self._after_step(self.train_step(), bar, log)
+                    if devices.any_across_ranks(stop.requested, self.dist):
+                        self.save()
+                        raise Interrupted(stop.signum or signal.SIGTERM, f"{stop.name} at step {self.step}: checkpoint saved "
+                                          f"in {self.run}; continue with `difflab train ... --resume`")
+            self.finish()
         finally:
             bar.close()
             if log:
                 log.close()
-        self.finish()
+            self.close()
         return self.run
 
     def _after_step(self, stats: dict, bar, log) -> None:
@@ -303,6 +380,43 @@ class Trainer:
             self.sample_grid()
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) the run ``cfg.out``; returns the run folder."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+#: what a resumed run must share with the run it continues (paths may move; the records pin what they hold)
+FIXED_SECTIONS = ("model", "vae", "diffusion", "data")
+MOVABLE = {"model.vae", "model.text_encoder_path", "data.path"}
+
+
+def _changed_keys(recorded: dict, cfg: Config) -> list[str]:
+    mine = cfg.to_dict()
+    return [f"{sec}.{k}={v!r} here, {recorded[sec][k]!r} in the run" for sec in FIXED_SECTIONS
+            for k, v in mine[sec].items()
+            if f"{sec}.{k}" not in MOVABLE and k in recorded.get(sec, {}) and recorded[sec][k] != v]
+
+
+def _leftovers(paths: list[Path]) -> str | None:
+    if not paths:
+        return None
+    return f"removed {len(paths)} leftovers of an interrupted write: {', '.join(p.name for p in paths[:4])}"
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps after the checkpoint a run resumes from (they are trained again)
+    and a line a kill cut short."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("step", 0) <= step and line.endswith("\n"):
+            kept.append(line)
+    if kept != lines:
+        write_text(path, "".join(kept))
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True, verify: bool = True) -> Path:
+    """Train (or resume) the run ``cfg.out``; returns the run folder. ``verify=False`` skips the
+    SHA-256 check of the checkpoint a run resumes from."""
+    return Trainer(cfg, resume=resume, progress=progress, verify=verify).fit()

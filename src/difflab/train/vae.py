@@ -56,17 +56,18 @@ class VAETrainer(Trainer):
             x_hat = self.ema.model(x.to(self.device), sample=False)[0].cpu().clamp(-1, 1)
         save_grid(torch.cat([x, x_hat]), runs.sample_grid_path(self.run, self.step), nrow=8)
 
-    def finish(self) -> None:
-        """Estimate the latent scaling factor with the EMA weights, give it to both copies, save.
+    def save(self) -> None:
+        """The checkpoint of the last step carries the latent scaling factor, estimated with the EMA
+        weights and given to both copies: one checkpoint, published once.
 
-        A finished run resumed without new steps keeps its factor: re-estimating could change its
-        last bits on a GPU, hence the weights hash, and every latent model trained on it would be refused."""
-        if self.step == self.first_step and torch.isfinite(self.ema.model.scaling_factor):
-            return
-        images = self.data.images[:SCALING_IMAGES].to(self.device)
-        factor = self.ema.model.estimate_scaling_factor(images)
-        self.net.scaling_factor.fill_(factor)
-        self.save()
+        A finished run resumed without new steps publishes nothing and keeps its factor: re-estimating
+        could change its last bits on a GPU, hence the weights hash, and every latent model trained on
+        it would be refused."""
+        if self.step == self.cfg.train.steps and self.step != self.last_checkpoint:
+            images = self.data.images[:SCALING_IMAGES].to(self.device)
+            factor = self.ema.model.estimate_scaling_factor(images)
+            self.net.scaling_factor.fill_(factor)
+        super().save()
 
 
 def held_out_images(cfg: Config, n: int) -> Tensor:
@@ -94,6 +95,6 @@ def evaluate_vae(run, n: int = 1000, batch_size: int = 250, device: str = "auto"
     return metrics
 
 
-def train_vae(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
+def train_vae(cfg: Config, resume: bool = False, progress: bool = True, verify: bool = True) -> Path:
     """Train (or resume) the VAE run ``cfg.out``; returns the run folder."""
-    return VAETrainer(cfg, resume=resume, progress=progress).fit()
+    return VAETrainer(cfg, resume=resume, progress=progress, verify=verify).fit()
