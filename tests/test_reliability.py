@@ -100,6 +100,24 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes_after(cfg, st
     assert _same_weights(run, straight)
 
 
+def test_a_full_disk_is_an_os_error_whichever_library_wrote(tmp_path, monkeypatch):
+    """safetensors says "(os error 28)" in its own error type; torch.save says "unexpected pos"."""
+    def fails(message):
+        def write(tmp):
+            raise RuntimeError(message)
+        return write
+
+    with pytest.raises(OSError) as err:
+        files.atomic_write(tmp_path / "a", fails("I/O error: No space left on device (os error 28)"))
+    assert err.value.errno == errno.ENOSPC
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # space is left: not a full disk
+        files.atomic_write(tmp_path / "b", fails("[enforce fail at inline_container.cc:672] . unexpected pos 5"))
+    monkeypatch.setattr(files, "_free_bytes", lambda folder: 0)
+    with pytest.raises(OSError) as err:
+        files.atomic_write(tmp_path / "c", fails("[enforce fail at inline_container.cc:672] . unexpected pos 5"))
+    assert err.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_after_the_current_step_and_resume_is_exact(cfg, straight, monkeypatch, capsys, signum):
     real = Trainer.train_step
@@ -345,7 +363,7 @@ BAD_INPUTS = [
     ("train data.dataset=shapes data.channels=3", "shapes are captioned: set model.text_encoder"),
     ("train model.text_encoder=minilm", "needs captioned data (data.dataset=shapes)"),
     ("train data.dataset=shapes data.channels=1 model.text_encoder=minilm", "shapes are RGB"),
-    ("train model.text_encoder=gpt", "config key 'model.text_encoder' must be one of"),
+    ("train model.text_encoder=gpt", "config key 'model.text_encoder' must be one of '', 'minilm', 'clip', got 'gpt'"),
     # evaluation
     (f"eval --run {R} --ref {{root}}/nothere.npz", "reference {root}/nothere.npz does not exist"),
     (f"eval --run {R} --ref {{root}}/other.npz", "other.npz: expected the keys 'mu' and 'sigma', found ['x']"),
@@ -387,6 +405,32 @@ def test_every_bad_input_is_one_error_line(world, capsys, monkeypatch, command, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("difflab: error: ") and "Traceback" not in err[0], err
     assert message.format(root=world) in err[0]
+
+
+def test_the_output_suffix_decides_the_format(world, capsys):
+    run = world / "run"
+    assert main(["sample", "--run", str(run), "--n", "4", "--steps", "2", "--out", str(world / "g.npz"), "--quiet"]) == 0
+    arrays = np.load(world / "g.npz")
+    assert arrays["images"].shape == (4, 1, 8, 8) and np.isfinite(arrays["images"]).all()
+    assert not (world / "g.png").exists()  # the arrays only: no grid was drawn over them
+    assert main(["sample", "--run", str(run), "--n", "4", "--steps", "2", "--out", str(world / "g.jpg"), "--quiet"]) == 0
+    assert (world / "g.jpg").read_bytes()[:3] == b"\xff\xd8\xff" and Image.open(world / "g.jpg").format == "JPEG"
+    assert np.load(world / "g.npz")["images"].shape == (4, 1, 8, 8)  # the jpg's arrays beside it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_work(world, capsys):
+    assert main(["train", "train.device=cuda", f"out={world / 'cuda'}", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == ("difflab: error: device 'cuda' asked for, but torch sees no CUDA GPU "
+                                               "here; use cpu or auto")
+    assert not (world / "cuda").exists()
+
+
+def test_debug_shows_the_traceback_of_a_user_error(world, capsys):
+    for args in (["--debug", "sample", "--run", str(world / "nothere")], ["sample", "--run", str(world / "nothere"), "--debug"]):
+        with pytest.raises(runs.RunFolderError, match="does not exist"):
+            main(args)
+    assert main(["sample", "--run", str(world / "nothere")]) == 2
 
 
 def _exit_code(args) -> int:

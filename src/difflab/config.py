@@ -151,7 +151,7 @@ def _coerce(key: str, value, annotation, meta):
     if tp is float and not math.isfinite(value):
         raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
     return value
 
 

@@ -2,8 +2,10 @@
 that was renamed into place survives a crash (the file and its folder are fsynced)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,7 +24,7 @@ def atomic_write(path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
-        write(tmp)
+        _as_os_error(write, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files only their owner can read
@@ -31,6 +33,35 @@ def atomic_write(path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _as_os_error(write, tmp: str) -> None:
+    """``write(tmp)``, with a failed write reported as the OSError it is: safetensors raises its own
+    error type ("... (os error 28)") and torch.save a RuntimeError ("unexpected pos") on a full disk."""
+    try:
+        write(tmp)
+    except OSError:
+        raise
+    except Exception as err:
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found:
+            number = int(found.group(1))
+        elif _free_bytes(os.path.dirname(tmp)) < FULL_BELOW:
+            number = errno.ENOSPC
+        else:
+            raise
+        raise OSError(number, os.strerror(number), tmp) from err
+
+
+FULL_BELOW = 1 << 20  # bytes left on a file system that a failed write is taken to have filled
+
+
+def _free_bytes(folder: str) -> int:
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return FULL_BELOW
+    return stat.f_bavail * stat.f_frsize
 
 
 def fsync_folder(folder) -> None:

@@ -72,7 +72,7 @@ def check_options(name: str, options: dict) -> dict:
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options: {', '.join(defaults) or 'none'}")
+                         f"its options: {', '.join(k for k in defaults if k != 'callback') or 'none'}")
     return {k: _option_value(name, k, v, defaults[k]) for k, v in options.items()}
 
 

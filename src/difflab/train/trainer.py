@@ -292,7 +292,7 @@ class Trainer:
             except OSError as err:
                 kept = (f"the checkpoint of step {self.last_checkpoint} is intact" if self.last_checkpoint is not None
                         else "no checkpoint was published yet")
-                raise TrainingError(f"{err.filename or self.run}: could not write the checkpoint of step {self.step}: "
+                raise TrainingError(f"{self.run}: could not write the checkpoint of step {self.step}: "
                                     f"{err.strerror or err} ({kept}; free space, then continue with --resume)") from None
         self.last_checkpoint = self.step
         barrier(self.dist)
@@ -332,9 +332,6 @@ class Trainer:
             x = decode_latents(self.vae, x)
         save_grid(x, runs.sample_grid_path(self.run, self.step), nrow=nrow)
 
-    def finish(self) -> None:
-        """After the last step (also when a finished run is resumed); the VAE trainer estimates its scaling here."""
-
     def fit(self) -> Path:
         """Train to ``train.steps``; on SIGINT/SIGTERM save after the current step and raise ``Interrupted``."""
         t = self.cfg.train
@@ -356,7 +353,6 @@ class Trainer:
                         self.save()
                         raise Interrupted(stop.signum or signal.SIGTERM, f"{stop.name} at step {self.step}: checkpoint saved "
                                           f"in {self.run}; continue with `difflab train ... --resume`")
-            self.finish()
         finally:
             bar.close()
             if log:
