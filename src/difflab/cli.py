@@ -7,8 +7,14 @@ import math
 import sys
 from pathlib import Path
 
-from . import devices
+import numpy as np
+import torch
+
+from . import devices, editing
 from .config import ConfigError, load_config, parse_overrides
+from .files import save_npz
+from .images import load_image, load_mask
+from .metrics.reconstruction import psnr as psnr_db
 from .evaluation import evaluate, evaluate_against_reference, format_evaluation, format_metrics
 from .generate import SamplingSettings
 from .memory import format_plan, plan
@@ -104,7 +110,8 @@ def _at_least_one(args, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-def _sample(args) -> None:
+def _request(args):
+    """(pipe, prompt, labels, settings) of the sampling arguments shared by sample and the edits."""
     _at_least_one(args, "n", "nrow", "batch_size", "steps")
     check_output(args.out)
     pipe = load(args.run, weights=args.weights, verify=not args.no_verify)
@@ -120,10 +127,56 @@ def _sample(args) -> None:
                                 guidance=args.guidance, guidance_rescale=args.guidance_rescale,
                                 negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size)
     prompt = None if args.prompt is None else (args.prompt.split("|") if "|" in args.prompt else args.prompt)
-    images = pipe(prompt, n=args.n, labels=labels, settings=settings, progress=not args.quiet)
-    used = labels if labels is not None else ([i % pipe.num_classes for i in range(args.n)] if pipe.num_classes else None)
+    return pipe, prompt, labels, settings
+
+
+def _write(images, args, pipe, labels) -> None:
+    used = labels if labels is not None else ([i % pipe.num_classes for i in range(len(images))]
+                                              if pipe.num_classes else None)
     for path in save_samples(images, Path(args.out), used, nrow=args.nrow):
         print(f"wrote {path}")
+
+
+def _sample(args) -> None:
+    pipe, prompt, labels, settings = _request(args)
+    _write(pipe(prompt, n=args.n, labels=labels, settings=settings, progress=not args.quiet), args, pipe, labels)
+
+
+def _input_image(args, pipe):
+    c, size = pipe.shape[0], pipe.shape[1]
+    return load_image(args.image, c, size)
+
+
+def _inpaint(args) -> None:
+    pipe, prompt, labels, settings = _request(args)
+    image = _input_image(args, pipe)
+    mask = load_mask(args.mask, pipe.shape[1])
+    images = editing.inpaint(pipe, image, mask, prompt, n=args.n, labels=labels, method=args.method,
+                             jump_length=args.jump_length, resamplings=args.resamplings, feather=args.feather,
+                             settings=settings, progress=not args.quiet)
+    _write(images, args, pipe, labels)
+
+
+def _img2img(args) -> None:
+    pipe, prompt, labels, settings = _request(args)
+    images = editing.img2img(pipe, _input_image(args, pipe), prompt, strength=args.strength, n=args.n, labels=labels,
+                             settings=settings, progress=not args.quiet)
+    _write(images, args, pipe, labels)
+
+
+def _invert(args) -> None:
+    args.n = 1
+    pipe, prompt, labels, settings = _request(args)
+    image = _input_image(args, pipe)
+    noise = editing.invert_image(pipe, image, prompt, labels=labels, settings=settings, progress=not args.quiet)
+    again = editing.reconstruct(pipe, noise, prompt, labels=labels, settings=settings, progress=False)
+    psnr = psnr_db(again, image).mean().item()
+    npz = Path(args.out).with_suffix(".npz")
+    if Path(args.out).suffix.lower() != ".npz":  # the grid first: its .npz beside is replaced below
+        save_samples(torch.cat([image, again]), Path(args.out), nrow=2)
+        print(f"wrote {args.out} (the image, then its reconstruction)")
+    save_npz(npz, noise=noise.numpy(), reconstruction=again.numpy(), psnr_db=np.float64(psnr))
+    print(f"wrote {npz} (noise at sigma_max, reconstruction); reconstruction PSNR {psnr:.2f} dB")
 
 
 def _fid_stats(args) -> None:
@@ -193,10 +246,10 @@ def _training_parsers(sub) -> None:
     m.set_defaults(func=_memory)
 
 
-def _sample_parser(sub) -> None:
-    s = sub.add_parser("sample", help="draw samples from a run into a PNG grid and an .npz")
+def _sampling_args(s, n: bool = True) -> None:
     s.add_argument("--run", required=True)
-    s.add_argument("--n", type=int, default=64)
+    if n:
+        s.add_argument("--n", type=int, default=64 if s.prog.endswith("sample") else 1)
     s.add_argument("--labels", help="comma-separated class labels (one label = all samples)")
     s.add_argument("--prompt", help="text models: the prompt (or n prompts separated by '|')")
     s.add_argument("--negative-prompt", default=None, help="text models: replaces the empty prompt in guidance")
@@ -217,7 +270,34 @@ def _sample_parser(sub) -> None:
     s.add_argument("--out", default="samples.png", help="a .png or .jpg grid (the samples beside it as .npz), "
                                                          "or .npz alone")
     s.add_argument("--quiet", action="store_true")
+
+
+def _sample_parser(sub) -> None:
+    s = sub.add_parser("sample", help="draw samples from a run into a PNG grid and an .npz")
+    _sampling_args(s)
     s.set_defaults(func=_sample)
+
+
+def _edit_parsers(sub) -> None:
+    image = "the input image file (grayscale or RGB as the model, at its size; pixels in [0, 255])"
+    p = sub.add_parser("inpaint", help="complete the black region of a mask (white = keep)")
+    _sampling_args(p)
+    p.add_argument("--image", required=True, help=image)
+    p.add_argument("--mask", required=True, help="grayscale, white (255) = keep, black (0) = generate")
+    p.add_argument("--method", default="replace", choices=editing.METHODS)
+    p.add_argument("--jump-length", type=int, default=10, help="RePaint: steps between jumps back up")
+    p.add_argument("--resamplings", type=int, default=10, help="RePaint: passes over each stretch")
+    p.add_argument("--feather", type=int, default=0, help="pixels the seam is blended into the generated region")
+    p.set_defaults(func=_inpaint)
+    p = sub.add_parser("img2img", help="SDEdit: noise an image part way and sample it back with the condition")
+    _sampling_args(p)
+    p.add_argument("--image", required=True, help=image)
+    p.add_argument("--strength", type=float, default=0.6, help="0 = the image itself, 1 = ignore it")
+    p.set_defaults(func=_img2img)
+    p = sub.add_parser("invert", help="DDIM / DPM-Solver++(2M) inversion of an image; reports its reconstruction")
+    _sampling_args(p, n=False)
+    p.add_argument("--image", required=True, help=image)
+    p.set_defaults(func=_invert, out="inverted.npz")
 
 
 def _eval_parser(sub) -> None:
@@ -268,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _training_parsers(sub)
     _sample_parser(sub)
+    _edit_parsers(sub)
     _eval_parser(sub)
     _fid_stats_parser(sub)
     sub.add_parser("samplers", help="list the samplers").set_defaults(func=_samplers)

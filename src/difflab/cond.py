@@ -1,8 +1,8 @@
 """The one conditioning value that travels from data to network.
 
 A ``Cond`` holds optional, batch-first tensors: class labels; text context
-(per-token embeddings, their mask and a pooled vector); concat images and
-control residuals later. Samplers and guidance treat it as an opaque batch:
+(per-token embeddings, their mask and a pooled vector); images concatenated to
+the network input (an inpainting model's masked image and mask); control residuals later. Samplers and guidance treat it as an opaque batch:
 they only concatenate, index and expand it.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Cond:
     context: Tensor | None = None       # (B, L, D) text token embeddings, cross-attended by the network
     context_mask: Tensor | None = None  # (B, L) bool, True = a real token (padding is never attended)
     pooled: Tensor | None = None        # (B, P) pooled text embedding, added to the noise embedding
+    image: Tensor | None = None         # (B, C', *S) concatenated to the network input (inpainting: masked image, mask)
 
     @classmethod
     def from_text(cls, embedding) -> "Cond":

@@ -42,6 +42,7 @@ class ModelConfig:
     transformer_depth: int = 1   # TransformerBlocks per cross-attention level (text models)
     checkpointing: bool = False  # gradient checkpointing: recompute block activations in backward
     vae: str = ""                # latent diffusion: the run folder of a VAE trained by `difflab train-vae`
+    inpainting: bool = False     # an inpainting model: the masked image and the mask as extra input channels
 
 
 @dataclass
@@ -188,7 +189,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 #: keys that a run folder written before they existed may lack (they take their defaults)
-ADDED_KEYS = {"train.keep_checkpoints"}
+ADDED_KEYS = {"train.keep_checkpoints", "model.inpainting"}
 
 POSITIVE = ("model.channels", "model.num_res_blocks", "model.transformer_depth", "model.text_max_length",
             "model.head_dim", "model.groups", "vae.groups", "vae.num_res_blocks", "diffusion.timesteps",

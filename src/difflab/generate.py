@@ -7,6 +7,7 @@ and where nothing else says, :data:`DEFAULTS`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -130,6 +131,33 @@ def _check_finite(steps: int, then=None):
     return check
 
 
+class Edit:
+    """What an editing method changes in sampling, batch by batch (``rows``: the batch's slice of the
+    ``n`` samples). Each hook defaults to plain sampling from noise over the whole grid; inpainting,
+    image-to-image and inversion (``difflab.editing``) override some, so every edit runs with every
+    sampler, guidance and seed rule of ``generate``."""
+
+    def grid(self, sigmas: Tensor) -> Tensor:
+        """The sigma grid to sample (image-to-image starts lower on it)."""
+        return sigmas
+
+    def start(self, noise: SeededNoise, sigmas: Tensor, rows: slice) -> Tensor:
+        """The batch's state at ``sigmas[0]``, drawn from the samples' own noise streams."""
+        return noise() * float(sigmas[0])
+
+    def wrap(self, model, rows: slice):
+        """The denoiser the batch is sampled with (a known region, ...)."""
+        return model
+
+    def run(self, sample, model, x: Tensor, sigmas: Tensor, cond, noise, seeds: list[int]) -> Tensor:
+        """Sample the batch: ``sample(model, x, sigmas, cond, noise=noise)`` is the chosen sampler."""
+        return sample(model, x, sigmas, cond, noise=noise)
+
+    def finish(self, x: Tensor, rows: slice) -> Tensor:
+        """The batch's result, after its last step (a composite with the known pixels, ...)."""
+        return x
+
+
 def _model_device(denoiser) -> torch.device:
     params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []
     return params[0].device if params else torch.device("cpu")
@@ -137,7 +165,8 @@ def _model_device(denoiser) -> torch.device:
 
 @torch.no_grad()
 def generate(denoiser, shape, n: int, settings: SamplingSettings | None = None, *, cond: Cond | None = None,
-             null_cond: Cond | None = None, first_index: int = 0, device=None, progress: bool = True) -> Tensor:
+             null_cond: Cond | None = None, first_index: int = 0, device=None, progress: bool = True,
+             edit: Edit | None = None) -> Tensor:
     """``n`` samples of ``shape`` (without batch), as float32 on the CPU.
 
     With ``null_cond`` (the null class, the empty or a negative prompt: 1 row or n) the denoiser is
@@ -146,14 +175,16 @@ def generate(denoiser, shape, n: int, settings: SamplingSettings | None = None, 
     or a guidance wrapper built by the caller (``SafeGuidance``, ``ClassifierGuidance``, ...; one
     with ``reset()`` is reset before each batch), and then guidance settings are an error.
     Results depend on (seed, sample index), never on the batch size; ``first_index`` k makes these
-    samples k .. k + n - 1 of the seed's stream (shards of one run).
+    samples k .. k + n - 1 of the seed's stream (shards of one run). ``edit`` (an ``Edit``) changes
+    the grid, the start, the denoiser or the end of each batch: inpainting, image-to-image, inversion.
     """
     s = (settings or SamplingSettings()).resolve(DEFAULTS)
     _check_count(n, shape)
     _check_conditions(n, cond, null_cond, settings or SamplingSettings())
     info = sampler_info(s.sampler)
     options = check_options(s.sampler, s.options)
-    sigmas = denoiser.schedule.sigmas(s.steps, s.spacing)
+    edit = edit or Edit()
+    sigmas = edit.grid(denoiser.schedule.sigmas(s.steps, s.spacing))
     device = device if device is not None else _model_device(denoiser)
     seeds = sample_seeds(s.seed, first_index + n)[first_index:]
     out = []
@@ -166,21 +197,25 @@ def generate(denoiser, shape, n: int, settings: SamplingSettings | None = None, 
                                            rescale=s.guidance_rescale)
         if hasattr(model, "reset"):  # stateful guidance (SLD momentum) starts every trajectory afresh
             model.reset()
-        rows = None if cond is None else cond[start:stop].to(device)
-        out.append(_sample_batch(model, info, sigmas, seeds[start:stop], shape, rows, device, options))
+        rows = slice(start, stop)
+        batch_cond = None if cond is None else cond[rows].to(device)
+        out.append(_sample_batch(edit.wrap(model, rows), info, sigmas, seeds[rows], shape, batch_cond, device,
+                                 options, edit, rows))
     return torch.cat(out)
 
 
-def _sample_batch(model, info, sigmas: Tensor, seeds: list[int], shape, cond, device, options: dict) -> Tensor:
+def _sample_batch(model, info, sigmas: Tensor, seeds: list[int], shape, cond, device, options: dict,
+                  edit: Edit, rows: slice) -> Tensor:
     """One batch: per-sample seeded start noise (and Brownian tree for SDE samplers), then the sampler."""
     noise = SeededNoise(seeds, shape, device=device)
-    x = noise() * float(sigmas[0])
+    x = edit.start(noise, sigmas, rows).to(device)
     if info.brownian:
         positive = sigmas[sigmas > 0]
         noise = BrownianNoise(seeds, shape, float(positive.min()), float(positive.max()), device=device)
     options = dict(options)
     callback = _check_finite(len(sigmas) - 1, options.pop("callback", None))
-    x = info.fn(model, x, sigmas, cond, noise=noise, progress=False, callback=callback, **options)
+    sample = functools.partial(info.fn, progress=False, callback=callback, **options)
+    x = edit.finish(edit.run(sample, model, x, sigmas, cond, noise, seeds), rows)
     if not torch.isfinite(x).all():
         raise NonFiniteSample("sampling produced NaN or infinite values at its last step: the weights, condition "
                               "or settings are not sound")

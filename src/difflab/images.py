@@ -1,4 +1,4 @@
-"""Saving image grids (layer-free helper: tensors in [-1, 1] to PNG)."""
+"""Image files (layer-free helper): tensors in [-1, 1] to PNG grids and images, and image and mask files back."""
 from __future__ import annotations
 
 import math
@@ -42,3 +42,49 @@ def save_grid(x: torch.Tensor, path, nrow: int = 8, format: str = "PNG") -> Path
     upscale = max(1, 64 // x.shape[-1])
     atomic_write(path, lambda tmp: make_grid(x, nrow, upscale=upscale).save(tmp, format=format))
     return path
+
+
+def _open(path, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{what} {path}: not a readable image ({' '.join(str(err).split())})") from None
+    return image
+
+
+BANDS = {1: ("L",), 3: ("RGB",)}
+
+
+def load_image(path, channels: int, size: int) -> torch.Tensor:
+    """The image file ``path`` as a (1, channels, size, size) tensor in [-1, 1]; another channel
+    count or size is an error (nothing is converted or resized behind the caller's back)."""
+    image = _open(path, "image")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode not in BANDS.get(channels, ()):
+        raise ValueError(f"image {path}: expected {channels} channel(s) ({'grayscale' if channels == 1 else 'RGB'}) "
+                         f"for this model, got mode {image.mode} ({len(image.getbands())} channel(s))")
+    if image.size != (size, size):
+        raise ValueError(f"image {path}: expected {size}x{size} pixels for this model, got {image.width}x{image.height}")
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1
+    return (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]
+
+
+def load_mask(path, size: int) -> torch.Tensor:
+    """A mask file (grayscale, white = keep, black = generate) as a (1, 1, size, size) tensor of 0/1."""
+    image = _open(path, "mask")
+    if image.mode not in ("L", "1"):
+        raise ValueError(f"mask {path}: expected a grayscale image (white = keep, black = generate), got mode {image.mode}")
+    values = np.asarray(image.convert("L"))
+    if image.size != (size, size):
+        raise ValueError(f"mask {path}: expected {size}x{size} pixels like the image, got {image.width}x{image.height}")
+    found = np.unique(values)
+    if not set(found.tolist()) <= {0, 255}:
+        raise ValueError(f"mask {path}: expected only black (0) and white (255), got values such as "
+                         f"{found[(found != 0) & (found != 255)][:5].tolist()}")
+    return torch.from_numpy(values == 255).float()[None, None]
+

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from . import runs
+from . import editing, runs
 from .conditioning import ClassConditioner, TextConditioner, conditioner_for
 from .config import Config
 from .devices import resolve_device
 from .generate import DEFAULTS, SamplingSettings, generate
-from .latents import check_vae, decode_latents, load_vae, vae_identity
+from .latents import check_vae, decode_latents, encode_images, load_vae, vae_identity
 from .train.build import build_denoiser, build_unet, data_shape
 
 GUIDANCE_FIELDS = ("guidance", "guidance_rescale", "negative_prompt")
@@ -59,6 +59,10 @@ class Pipeline:
         s = s.resolve(DEFAULTS)
         return s if s.spacing else replace(s, spacing=self.denoiser.schedule.spacings[0])
 
+    def encode(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """What the denoiser generates for ``images`` in [-1, 1]: the images, or their scaled VAE latents."""
+        return images if self.vae is None else encode_images(self.vae, images, batch_size, progress=False)
+
     def decode(self, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Images from generated latents, in slices of ``batch_size`` (bounded decoder memory)."""
         return z if self.vae is None else decode_latents(self.vae, z, batch_size)
@@ -88,7 +92,7 @@ class Pipeline:
         return None, None
 
     def __call__(self, prompt=None, n: int = 64, labels=None, settings: SamplingSettings | None = None, *,
-                 guide=None, first_index: int = 0, progress: bool = True, **overrides) -> torch.Tensor:
+                 guide=None, first_index: int = 0, progress: bool = True, edit=None, **overrides) -> torch.Tensor:
         """``n`` images in [-1, 1], (n, C, H, W).
 
         Text models take ``prompt`` (one string or n); class models cycle through the classes unless
@@ -97,7 +101,32 @@ class Pipeline:
         sampler options such as ``eta``) say how to sample; what neither sets comes from the run's
         ``eval`` config. ``guide``, a function of the denoiser returning a guided one
         (``SafeGuidance``, ``ClassifierGuidance``, ...), replaces classifier-free guidance: it then
-        takes no guidance settings."""
+        takes no guidance settings. ``edit`` (a ``generate.Edit``: inpainting, image-to-image, ...,
+        see ``difflab.editing``) changes how each batch is sampled."""
+        model, cond, null, s = self.sampling_parts(prompt, n, labels, settings, guide=guide, **overrides)
+        x = generate(model, self.latent_shape, n, s, cond=cond, null_cond=null, first_index=first_index,
+                     progress=progress, edit=edit)
+        return self.decode(x, s.batch_size).clamp(-1, 1)
+
+    def inpaint(self, image, mask, prompt=None, **options) -> torch.Tensor:
+        """Complete ``image`` where ``mask`` (1 = keep) is 0: ``difflab.editing.inpaint``."""
+        return editing.inpaint(self, image, mask, prompt, **options)
+
+    def img2img(self, image, prompt=None, **options) -> torch.Tensor:
+        """SDEdit at ``strength``: ``difflab.editing.img2img``."""
+        return editing.img2img(self, image, prompt, **options)
+
+    def invert(self, image, prompt=None, **options) -> torch.Tensor:
+        """The noise a deterministic sampler maps back to ``image``: ``difflab.editing.invert_image``."""
+        return editing.invert_image(self, image, prompt, **options)
+
+    def reconstruct(self, noise, prompt=None, **options) -> torch.Tensor:
+        """Images sampled down from ``invert``'s noise: ``difflab.editing.reconstruct``."""
+        return editing.reconstruct(self, noise, prompt, **options)
+
+    def sampling_parts(self, prompt=None, n: int = 64, labels=None, settings: SamplingSettings | None = None, *,
+                       guide=None, **overrides):
+        """(denoiser, cond, null_cond, settings) that ``__call__`` hands to ``generate``."""
         if not (prompt is None or isinstance(prompt, (str, list, tuple))):
             raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r} (pass the count as n=...)")
         asked = SamplingSettings.of(settings, **overrides)
@@ -109,9 +138,7 @@ class Pipeline:
         if guide is not None or null is None:
             model, null = (guide(self.denoiser) if guide is not None else model), None
             s = replace(s, guidance=None, guidance_rescale=None)
-        x = generate(model, self.latent_shape, n, s, cond=cond, null_cond=null, first_index=first_index,
-                     progress=progress)
-        return self.decode(x, s.batch_size).clamp(-1, 1)
+        return model, cond, null, s
 
 
 def _integer_labels(labels) -> torch.Tensor:

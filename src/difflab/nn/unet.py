@@ -197,6 +197,7 @@ class UNetSpec:
     pooled_dim: int | None = None
     transformer_depth: int = 1
     checkpointing: bool = False
+    concat_channels: int = 0
 
 
 class UNet(nn.Module):
@@ -219,16 +220,21 @@ class UNet(nn.Module):
             activation memory for about one more forward pass of compute.
         scale_shift: inject the time embedding as GroupNorm scale-shift (ADM) instead of adding it.
         dims: 1, 2 or 3 spatial dimensions.
+        concat_channels: channels of ``cond.image`` concatenated to the input (an inpainting model
+            takes the masked image and the mask, as Stable Diffusion's inpainting U-Net); without
+            ``cond.image`` they are zeros: nothing is known, the model generates freely.
     """
 
     def __init__(self, in_channels: int = 1, spec: UNetSpec | None = None, **options):
         super().__init__()
         self.spec = spec = replace(spec or UNetSpec(), **options)
         (out_channels, channels, channel_mult, num_res_blocks, attn_levels, mid_attn, head_dim, num_classes, dropout,
-         groups, scale_shift, dims, context_dim, pooled_dim, transformer_depth, checkpointing) = astuple(spec)
+         groups, scale_shift, dims, context_dim, pooled_dim, transformer_depth, checkpointing,
+         concat_channels) = astuple(spec)
         if dims not in CONV:
             raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
         self.in_channels, self.dims, self.num_classes = in_channels, dims, num_classes
+        self.concat_channels = concat_channels
         self.checkpointing = checkpointing
         self.downsampling = 2 ** (len(channel_mult) - 1)
         out_channels = out_channels or in_channels
@@ -249,7 +255,7 @@ class UNet(nn.Module):
             return Block(ResBlock(dims, c_in, c_out, emb_dim, groups, dropout, scale_shift), attn)
 
         widths = [channels * m for m in channel_mult]
-        self.conv_in = CONV[dims](in_channels, channels, 3, padding=1)
+        self.conv_in = CONV[dims](in_channels + concat_channels, channels, 3, padding=1)
         self.down = nn.ModuleList()
         skips, c = [channels], channels
         for level, w in enumerate(widths):
@@ -295,7 +301,7 @@ class UNet(nn.Module):
             emb = emb + self.pooled_proj(cond.pooled.to(emb.dtype))
         emb = F.silu(emb)
         run = block_runner(self, self.checkpointing)
-        h = self.conv_in(x)
+        h = self.conv_in(self._with_image(x, cond))
         hs = [h]
         for layer in self.down:
             h = run(layer, h, emb, cond) if isinstance(layer, Block) else layer(h)
@@ -305,6 +311,19 @@ class UNet(nn.Module):
         for layer in self.up:
             h = run(layer, torch.cat([h, hs.pop()], 1), emb, cond) if isinstance(layer, Block) else layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _with_image(self, x: Tensor, cond: Cond | None) -> Tensor:
+        if not self.concat_channels:
+            if cond is not None and cond.image is not None:
+                raise ValueError("this UNet takes no concatenated image (cond.image); it was built without concat_channels")
+            return x
+        image = None if cond is None else cond.image
+        if image is None:
+            return torch.cat([x, x.new_zeros(len(x), self.concat_channels, *x.shape[2:])], 1)
+        if tuple(image.shape) != (len(x), self.concat_channels, *x.shape[2:]):
+            raise ValueError(f"cond.image must be (B, {self.concat_channels}, {', '.join(map(str, x.shape[2:]))}) for "
+                             f"this UNet, got {tuple(image.shape)}")
+        return torch.cat([x, image.to(x.dtype)], 1)
 
 
 def block_runner(model: nn.Module, checkpointing: bool):

@@ -28,8 +28,8 @@ def data_shape(cfg: Config) -> tuple[int, int, int]:
 def build_unet(cfg: Config, conditioner=None) -> UNet:
     """The U-Net of ``cfg``; ``conditioner`` (``difflab.conditioning``) adds a label embedding or
     cross-attention to text, or None for an unconditional model."""
-    m = cfg.model
-    return UNet(in_channels=data_shape(cfg)[0], channels=m.channels, channel_mult=tuple(m.channel_mult),
+    m, channels = cfg.model, data_shape(cfg)[0]
+    return UNet(in_channels=channels, concat_channels=channels + 1 if m.inpainting else 0, channels=m.channels, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attn_levels=tuple(m.attn_levels), mid_attn=m.mid_attn,
                 head_dim=m.head_dim, dropout=m.dropout, groups=m.groups, scale_shift=m.scale_shift,
                 transformer_depth=m.transformer_depth, checkpointing=m.checkpointing,

@@ -18,6 +18,7 @@ import json
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,11 +26,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import devices, runs
+from ..cond import Cond
 from ..conditioning import TextConditioner, conditioner_for
 from ..config import Config, ConfigError
 from ..data import load_data
 from ..data.shapes import COLOURS, SHAPES, single_object_prompts
 from ..devices import DistInfo, barrier
+from ..editing.masks import inpainting_input, random_masks
 from ..generate import SamplingSettings, generate
 from ..files import write_text
 from ..images import save_grid
@@ -43,6 +46,9 @@ from .step import NonFiniteLoss, TrainingParts, training_step
 
 class TrainingError(RuntimeError):
     pass
+
+
+MASK_STREAM = 1 << 40  # an inpainting model's masks of step k come from derive_seed(derive_seed(seed, this), k)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -230,14 +236,21 @@ class Trainer:
         return global_batch(self.data.images, self.labels, null, self.cfg, self.step, self.schedule)
 
     def rank_batch(self) -> tuple:
-        """This rank's rows of the global batch, on the device (labels stay on the CPU: they index CPU tables)."""
+        """This rank's rows of the global batch, on the device (labels stay on the CPU: they index CPU
+        tables), and an inpainting model's masks (else None)."""
         x0, sigma, noise, labels = self.global_batch()
         labels = labels[self.rows] if labels is not None else None
-        return self.to_rank(x0), self.to_rank(sigma), self.to_rank(noise), labels
+        masks = None
+        if self.cfg.model.inpainting:  # a stream of its own: other models' batches stay as they were
+            g = step_generator(derive_seed(self.cfg.train.seed, MASK_STREAM), self.step)
+            masks = self.to_rank(random_masks(len(x0), x0.shape[2:], g))
+        return self.to_rank(x0), self.to_rank(sigma), self.to_rank(noise), labels, masks
 
     def loss(self, batch: tuple, mb: slice) -> Tensor:
-        x0, sigma, noise, labels = batch
+        x0, sigma, noise, labels, masks = batch
         cond = self.conditioner.cond(labels[mb]).to(self.device) if labels is not None else None
+        if masks is not None:
+            cond = replace(cond or Cond(), image=inpainting_input(x0[mb], masks[mb]))
         return diffusion_loss(self.cfg, self.train_denoiser, x0[mb], sigma[mb], noise[mb], cond)
 
     @property

@@ -1,0 +1,110 @@
+"""The editing methods on a loaded model (``difflab.load(run)``), pixel or latent.
+
+For a latent model the image is encoded by the run's VAE, the mask min-pooled to the latent grid,
+and after decoding the known pixels are put back exactly (``feather`` blends the seam outwards).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from ..cond import Cond
+from ..generate import NonFiniteSample, generate
+from ..guidance import ClassifierFreeGuidance
+from .img2img import FromState, Img2Img
+from .inpaint import Inpaint
+from .inversion import invert
+from .masks import check_image, check_mask, composite, feathered, inpainting_input, latent_mask
+
+
+def _batch(pipe, image: Tensor, n: int | None) -> tuple[Tensor, int]:
+    image = check_image(image, pipe.shape)
+    n = len(image) if n is None else n
+    if len(image) not in (1, n):
+        raise ValueError(f"expected 1 image or one per sample ({n}), got {len(image)}")
+    return image.expand(n, *image.shape[1:]), n
+
+
+METHODS = ("replace", "repaint", "model")
+
+
+def inpaint(pipe, image: Tensor, mask: Tensor, prompt=None, *, n: int | None = None, labels=None,
+            method: str = "replace", jump_length: int = 10, resamplings: int = 10, feather: int = 0,
+            progress: bool = True, **sampling) -> Tensor:
+    """``n`` completions of ``image`` (1 or n images, (C, H, W) or (N, C, H, W) in [-1, 1]) where
+    ``mask`` (1 = keep) is 0. Sampling settings, labels and prompts as for ``pipe(...)``. Known
+    pixels are returned exactly.
+
+    ``method``: ``replace`` or ``repaint`` (any model), or ``model``: an inpainting model
+    (``model.inpainting``) conditioned on the masked image alone. An inpainting model is given the
+    masked image and the mask with ``replace`` and ``repaint`` too."""
+    if method not in METHODS:
+        raise ValueError(f"unknown inpainting method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "model" and not pipe.cfg.model.inpainting:
+        raise ValueError("method 'model' needs an inpainting model (trained with model.inpainting=true)")
+    image, n = _batch(pipe, image, n)
+    mask = check_mask(mask, image)
+    known = pipe.encode(image)
+    known_mask = mask if pipe.vae is None else latent_mask(mask, known.shape[2:])
+    model, cond, null, s = pipe.sampling_parts(prompt, n, labels, **sampling)
+    if pipe.cfg.model.inpainting:  # both branches of guidance see the known image
+        given = inpainting_input(known, known_mask)
+        cond = replace(cond or Cond(), image=given)
+        null = None if null is None else replace(null.expand(n), image=given)
+    edit = None if method == "model" else Inpaint(known, known_mask, method, jump_length, resamplings)
+    x = generate(model, pipe.latent_shape, n, s, cond=cond, null_cond=null, progress=progress, edit=edit)
+    out = pipe.decode(x, s.batch_size).clamp(-1, 1)
+    return composite(image, out, feathered(mask, feather))
+
+
+def img2img(pipe, image: Tensor, prompt=None, *, strength: float = 0.6, n: int | None = None, labels=None,
+            progress: bool = True, **sampling) -> Tensor:
+    """SDEdit: ``image`` noised to the ``strength`` point of the sampler's grid and sampled down with
+    the condition; strength 0 returns the image itself, 1 ignores it."""
+    image, n = _batch(pipe, image, n)
+    if strength == 0:
+        Img2Img(image, strength)  # the range check
+        return image.clone()
+    return pipe(prompt, n, labels, edit=Img2Img(pipe.encode(image), strength), progress=progress, **sampling)
+
+
+def _guided(pipe, n: int, prompt, labels, sampling: dict):
+    """The denoiser a sampling call with these settings uses (classifier-free guidance built in)."""
+    model, cond, null, s = pipe.sampling_parts(prompt, n, labels, **sampling)
+    if null is not None:
+        model = ClassifierFreeGuidance(model, 1.0 if s.guidance is None else s.guidance, null,
+                                       rescale=s.guidance_rescale)
+    return model, cond, s
+
+
+def invert_image(pipe, image: Tensor, prompt=None, *, labels=None, progress: bool = True, **sampling) -> Tensor:
+    """The noise at sigma_max that the settings' deterministic sampler (``ddim`` or ``dpmpp_2m``) maps
+    back to ``image``: DDIM inversion with the same condition and guidance as the reconstruction."""
+    image, n = _batch(pipe, image, None)
+    model, cond, s = _guided(pipe, n, prompt, labels, sampling)
+    sigmas = pipe.denoiser.schedule.sigmas(s.steps, s.spacing)
+    if s.options.get("eta", 0) != 0:
+        raise ValueError(f"inversion is deterministic: it takes no eta (got eta={s.options['eta']})")
+    device = _device(pipe)
+    x0 = pipe.encode(image).to(device)
+    cond = None if cond is None else cond.to(device)
+    x = invert(model, x0, sigmas, cond, solver=s.sampler, progress=progress)
+    if not torch.isfinite(x).all():
+        raise NonFiniteSample("inversion produced NaN or infinite values: the weights or settings are not sound")
+    return x.float().cpu()
+
+
+def reconstruct(pipe, noise: Tensor, prompt=None, *, labels=None, progress: bool = True, **sampling) -> Tensor:
+    """Images sampled down from given states at sigma_max (an ``invert_image`` result)."""
+    edit = FromState(noise)
+    return pipe(prompt, len(noise), labels, edit=edit, progress=progress, **sampling)
+
+
+def _device(pipe) -> torch.device:
+    params = list(pipe.denoiser.parameters())
+    return params[0].device if params else torch.device("cpu")
+
+
+__all__ = ["METHODS", "img2img", "inpaint", "invert_image", "reconstruct"]
