@@ -125,7 +125,8 @@ def _request(args):
         options["eta"] = args.eta
     settings = SamplingSettings(sampler=args.sampler, options=options, steps=args.steps, spacing=args.spacing,
                                 guidance=args.guidance, guidance_rescale=args.guidance_rescale,
-                                negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size)
+                                negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size,
+                                sag_scale=args.sag_scale)
     prompt = None if args.prompt is None else (args.prompt.split("|") if "|" in args.prompt else args.prompt)
     return pipe, prompt, labels, settings
 
@@ -259,6 +260,7 @@ def _sampling_args(s, n: bool = True) -> None:
     s.add_argument("--spacing", "--schedule", dest="spacing", default=None,
                    help="sigma grid: trailing, leading, linspace, karras, exponential, uniform")
     s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--sag-scale", type=float, default=None, help="self-attention guidance scale (0 = off)")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, repeatable: taylor_d2=true, corrector=false, s_churn=40, ...")

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cond import Cond
-from .guidance import ClassifierFreeGuidance
+from .guidance import ClassifierFreeGuidance, SelfAttentionGuidance
 from .samplers import BrownianNoise, SeededNoise, check_options, sampler_info
 from .seeds import derive_seed
 
@@ -27,7 +27,8 @@ class SamplingSettings:
     """How to sample; ``None`` = not set here (taken from the defaults it is resolved against).
 
     ``guidance`` is the classifier-free guidance scale (1 = conditional, 0 = unconditional) and
-    ``guidance_rescale`` its rescale phi (Lin et al. 2024); ``spacing`` the sigma grid (``None`` =
+    ``guidance_rescale`` its rescale phi (Lin et al. 2024); ``sag_scale`` self-attention guidance
+    (Hong et al. 2023; 0 = off), applied beneath classifier-free guidance; ``spacing`` the sigma grid (``None`` =
     the schedule's own); ``options`` the sampler's keyword options (``eta``, ``s_churn``, ...).
     """
 
@@ -40,6 +41,7 @@ class SamplingSettings:
     negative_prompt: str | None = None
     seed: int | None = None
     batch_size: int | None = None
+    sag_scale: float | None = None
 
     def __post_init__(self):
         for name, kind in (("sampler", str), ("spacing", str), ("negative_prompt", str)):
@@ -51,7 +53,8 @@ class SamplingSettings:
                 raise TypeError(f"{name} must be an integer, got {value!r}")
             if value is not None and least is not None and value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
-        for name, low, high in (("guidance", -math.inf, math.inf), ("guidance_rescale", 0.0, 1.0)):
+        for name, low, high in (("guidance", -math.inf, math.inf), ("guidance_rescale", 0.0, 1.0),
+                                ("sag_scale", -math.inf, math.inf)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise TypeError(f"{name} must be a number, got {value!r}")
@@ -87,7 +90,7 @@ class SamplingSettings:
 
 #: what sampling uses where neither the caller nor a run's config says otherwise
 DEFAULTS = SamplingSettings(sampler="ddim", steps=50, guidance_rescale=0.0, negative_prompt="", seed=0,
-                            batch_size=256)
+                            batch_size=256, sag_scale=0.0)
 
 
 def sample_seeds(seed: int, n: int) -> list[int]:
@@ -188,12 +191,13 @@ def generate(denoiser, shape, n: int, settings: SamplingSettings | None = None, 
     device = device if device is not None else _model_device(denoiser)
     seeds = sample_seeds(s.seed, first_index + n)[first_index:]
     out = []
+    base = SelfAttentionGuidance(denoiser, s.sag_scale) if s.sag_scale else denoiser
     for start in tqdm(range(0, n, s.batch_size), disable=not progress, desc=f"{s.sampler} x{s.steps}"):
         stop = min(n, start + s.batch_size)
-        model = denoiser
+        model = base
         if null_cond is not None:  # a per-sample negative prompt is sliced to the batch
             null = null_cond if len(null_cond) == 1 else null_cond[start:stop]
-            model = ClassifierFreeGuidance(denoiser, 1.0 if s.guidance is None else s.guidance, null,
+            model = ClassifierFreeGuidance(base, 1.0 if s.guidance is None else s.guidance, null,
                                            rescale=s.guidance_rescale)
         if hasattr(model, "reset"):  # stateful guidance (SLD momentum) starts every trajectory afresh
             model.reset()

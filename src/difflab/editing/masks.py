@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..tensors import gaussian_blur
+
 
 def check_image(image: Tensor, shape: tuple[int, int, int]) -> Tensor:
     """``image`` as a float (N, C, H, W) batch in [-1, 1] of the model's (C, H, W) ``shape``."""
@@ -51,12 +53,7 @@ def feathered(mask: Tensor, radius: int) -> Tensor:
         raise ValueError(f"feather radius must be >= 0, got {radius}")
     if radius == 0:
         return mask
-    x = torch.arange(-2 * radius, 2 * radius + 1, dtype=mask.dtype)
-    kernel = torch.exp(-0.5 * (x / radius) ** 2)
-    kernel = kernel / kernel.sum()
-    blurred = F.conv2d(F.pad(mask, [2 * radius] * 4, mode="replicate"), kernel.view(1, 1, 1, -1))
-    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1))
-    return torch.maximum(mask, blurred)
+    return torch.maximum(mask, gaussian_blur(mask, radius, 4 * radius + 1, padding_mode="replicate"))
 
 
 def composite(known: Tensor, generated: Tensor, weight: Tensor) -> Tensor:

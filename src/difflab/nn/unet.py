@@ -12,6 +12,7 @@ GEGLU feed-forward (Rombach et al. 2022); ``cond.pooled`` joins the noise embedd
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass, replace
 from typing import Sequence
 
@@ -59,7 +60,37 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class SelfAttention(nn.Module):
+class AttentionHook:
+    """What an installed hook may do in every attention layer it is installed on (see
+    ``attention_hooks``): read or replace the layer's q, k, v (B, heads, N or L, head_dim), and
+    read or replace its attention probabilities (B, heads, N, L). ``name`` is the layer's stable
+    name (``UNet.attention_layers``). The defaults change nothing."""
+
+    def qkv(self, name: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return q, k, v
+
+    def probs(self, name: str, probs: Tensor) -> Tensor:
+        return probs
+
+
+class _Attending(nn.Module):
+    """The one attention product of every layer: fused ``scaled_dot_product_attention`` while no
+    hook is installed, the explicit softmax(q k^T / sqrt(d)) v that a hook can see into otherwise."""
+
+    hook: AttentionHook | None = None
+    name: str = ""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.hook is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        q, k, v = self.hook.qkv(self.name, q, k, v)
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return self.hook.probs(self.name, logits.softmax(-1)) @ v
+
+
+class SelfAttention(_Attending):
     """Multi-head self-attention over all positions, through fused scaled_dot_product_attention."""
 
     def __init__(self, channels, head_dim, groups):
@@ -75,11 +106,11 @@ class SelfAttention(nn.Module):
         b, c, *spatial = x.shape
         h = self.norm(x).reshape(b, c, -1).transpose(1, 2)  # (B, N, C)
         q, k, v = self.qkv(h).reshape(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        h = self.attend(q, k, v).transpose(1, 2).reshape(b, -1, c)
         return x + self.out(h).transpose(1, 2).reshape(b, c, *spatial)
 
 
-class Attention(nn.Module):
+class Attention(_Attending):
     """Multi-head attention of ``x`` (B, N, C) to ``context`` (B, L, D) (itself when None).
 
     ``heads`` heads of ``head_dim`` channels; ``mask`` (B, L) bool marks the context tokens
@@ -101,7 +132,7 @@ class Attention(nn.Module):
         kv = self.kv(x if context is None else context)
         k, v = kv.reshape(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        h = self.attend(q, k, v, attn_mask)
         return self.out(h.transpose(1, 2).reshape(b, n, c))
 
 
@@ -278,6 +309,20 @@ class UNet(nn.Module):
                 self.up.append(Upsample(dims, c))
         self.norm_out = nn.GroupNorm(groups, c)
         self.conv_out = CONV[dims](c, out_channels, 3, padding=1)
+        for name, layer in self.attention_layers().items():
+            layer.name = name
+
+    def attention_layers(self) -> dict[str, nn.Module]:
+        """Every attention layer by its stable name: ``down.1.attn.self`` (a self-attention block),
+        ``down.1.attn.0.self`` / ``down.1.attn.0.cross`` (transformer block 0 of a SpatialTransformer);
+        ``mid.0...`` and ``up.<i>...`` likewise."""
+        out = {}
+        for path, module in self.named_modules():
+            if isinstance(module, SelfAttention):
+                out[f"{path}.self"] = module
+            elif isinstance(module, Attention):
+                out[path.replace(".blocks.", ".").replace("self_attn", "self").replace("cross_attn", "cross")] = module
+        return out
 
     def check_input(self, x: Tensor) -> None:
         expected = f"(B, {self.in_channels}, " + ", ".join(["S"] * self.dims) + ")"
@@ -338,3 +383,21 @@ def _direct(block: nn.Module, *args) -> Tensor:
 
 def _checkpointed(block: nn.Module, *args) -> Tensor:
     return checkpoint(block, *args, use_reentrant=False)
+
+
+@contextmanager
+def attention_hooks(unet: "UNet", hook: AttentionHook, layers=None):
+    """Install ``hook`` on the attention layers named in ``layers`` (all when None; a callable
+    ``name -> bool`` or a collection of names) for the duration of the ``with`` block."""
+    found = unet.attention_layers()
+    chosen = [n for n in found if layers is None or (layers(n) if callable(layers) else n in layers)]
+    unknown = [] if layers is None or callable(layers) else sorted(set(layers) - set(found))
+    if unknown:
+        raise ValueError(f"no attention layer named {', '.join(unknown)}; this UNet has {', '.join(found) or 'none'}")
+    for name in chosen:  # not a submodule even when the hook is an nn.Module
+        object.__setattr__(found[name], "hook", hook)
+    try:
+        yield chosen
+    finally:
+        for name in chosen:
+            object.__setattr__(found[name], "hook", None)
