@@ -196,6 +196,11 @@ def test_the_edit_commands_write_their_results(files, capsys):
     arrays = np.load(r / "inv.npz")
     assert arrays["noise"].shape == (1, 1, 8, 8) and np.isfinite(arrays["psnr_db"])
     assert "reconstruction PSNR" in capsys.readouterr().out
+    assert main(["outpaint", *common, "--image", str(r / "digit.png"), "--width", "16", "--height", "8", "--left", "8",
+                 "--method", "iterative", "--out", str(r / "wide.npz")]) == 0
+    wide = np.load(r / "wide.npz")["images"]
+    digit = np.asarray(Image.open(r / "digit.png"), np.float32) / 127.5 - 1
+    assert wide.shape == (1, 1, 8, 16) and np.array_equal(wide[0, 0, :, 8:], digit)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -219,6 +224,10 @@ def test_the_edit_commands_write_their_results(files, capsys):
     ("invert --image {r}/digit.png --sampler euler_ancestral", "deterministic solvers ddim, dpmpp_2m, got 'euler_ancestral'"),
     ("invert --image {r}/digit.png --eta 1", "inversion is deterministic: it takes no eta"),
     ("invert --image {r}/digit.png --out {r}/x.txt", "expected a .png, .jpg, .jpeg, .npz file name"),
+    ("outpaint --image {r}/digit.png --width 4 --height 8", "an 8x8 image at offset (0, 0) does not fit a 8x4 canvas"),
+    ("outpaint --image {r}/digit.png --width 16 --height 8 --stride 0", "stride must lie in [1, window = 8], got 0"),
+    ("outpaint --image {r}/digit.png --width 16 --height 8 --left 9", "does not fit a 8x16 canvas"),
+    ("outpaint --image {r}/digit.png --width 16", "the following arguments are required: --height"),
 ])
 def test_bad_edit_inputs_are_one_error_line(files, capsys, args, message):
     argv = args.format(r=files).split()
@@ -272,3 +281,44 @@ def test_the_unet_checks_its_concatenated_image():
     with pytest.raises(ValueError, match=r"cond.image must be \(B, 2, 8, 8\) for this UNet, got \(2, 1, 8, 8\)"):
         concat(x, t, Cond(image=torch.zeros(2, 1, 8, 8)))
     assert concat(x, t, Cond(image=torch.zeros(2, 2, 8, 8))).shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------ outpainting
+
+def test_windows_cover_the_canvas_and_the_last_is_flush_with_its_edge():
+    assert editing.window_starts(16, 8, 4) == [0, 4, 8] and editing.window_starts(14, 8, 4) == [0, 4, 6]
+    assert editing.window_starts(8, 8, 8) == [0]
+    assert len(editing.windows((8, 16), (8, 8), (4, 4))) == 3
+    with pytest.raises(ValueError, match=r"the canvas \(4\) is smaller than the model's window \(8\)"):
+        editing.window_starts(4, 8, 4)
+    with pytest.raises(ValueError, match=r"stride must lie in \[1, window = 8\], got 9"):
+        editing.window_starts(16, 8, 9)
+
+
+def test_a_windowed_denoiser_is_the_mean_of_its_windows():
+    calls = []
+
+    def position_mean(x, sigma, cond=None):  # a "denoiser" that returns each window's mean everywhere
+        calls.append(len(x))
+        return x.mean((1, 2, 3), keepdim=True).expand_as(x)
+
+    position_mean.schedule = None
+    x = torch.arange(16.0).reshape(1, 1, 1, 16).expand(2, 1, 8, 16).clone()
+    out = editing.WindowedDenoiser(position_mean, (8, 8), (4, 4))(x, torch.ones(2))
+    assert calls == [6]  # three windows of two samples, in one batch
+    assert torch.allclose(out[0, 0, 0, :4], torch.full((4,), 3.5))  # only the first window: mean of 0..7
+    assert torch.allclose(out[0, 0, 0, 4:8], torch.full((4,), (3.5 + 7.5) / 2))
+    same = editing.WindowedDenoiser(position_mean, (8, 16), (8, 16))(x, torch.ones(2))
+    assert torch.equal(same, position_mean(x, None))
+
+
+@pytest.mark.parametrize("method", editing.OUTPAINT_METHODS)
+def test_outpainting_keeps_the_image_and_fills_the_canvas(pipe, method):
+    x = _image(2)
+    out = pipe.outpaint(x, size=(8, 16), offset=(0, 4), method=method, labels=[1, 2], steps=4, progress=False)
+    assert out.shape == (2, 1, 8, 16) and torch.isfinite(out).all()
+    assert torch.equal(out[..., 4:12], x) and not torch.equal(out[..., :4], -torch.ones_like(out[..., :4]))
+    with pytest.raises(ValueError, match=r"an 8x8 image at offset \(0, 12\) does not fit a 8x16 canvas"):
+        pipe.outpaint(x, size=(8, 16), offset=(0, 12))
+    with pytest.raises(ValueError, match="unknown outpainting method 'tile'"):
+        pipe.outpaint(x, size=(8, 16), method="tile")

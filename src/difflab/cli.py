@@ -158,6 +158,15 @@ def _inpaint(args) -> None:
     _write(images, args, pipe, labels)
 
 
+def _outpaint(args) -> None:
+    pipe, prompt, labels, settings = _request(args)
+    images = editing.outpaint(pipe, _input_image(args, pipe), prompt, size=(args.height, args.width),
+                              offset=(args.top, args.left), method=args.method, stride=args.stride, n=args.n,
+                              labels=labels, inpaint_method=args.inpaint_method, settings=settings,
+                              progress=not args.quiet)
+    _write(images, args, pipe, labels)
+
+
 def _img2img(args) -> None:
     pipe, prompt, labels, settings = _request(args)
     images = editing.img2img(pipe, _input_image(args, pipe), prompt, strength=args.strength, n=args.n, labels=labels,
@@ -291,6 +300,18 @@ def _edit_parsers(sub) -> None:
     p.add_argument("--resamplings", type=int, default=10, help="RePaint: passes over each stretch")
     p.add_argument("--feather", type=int, default=0, help="pixels the seam is blended into the generated region")
     p.set_defaults(func=_inpaint)
+    p = sub.add_parser("outpaint", help="put an image on a larger canvas and generate the rest")
+    _sampling_args(p)
+    p.add_argument("--image", required=True, help=image)
+    p.add_argument("--width", type=int, required=True, help="canvas width in pixels")
+    p.add_argument("--height", type=int, required=True, help="canvas height in pixels")
+    p.add_argument("--left", type=int, default=0, help="where the image's left edge lies on the canvas")
+    p.add_argument("--top", type=int, default=0, help="where the image's top edge lies on the canvas")
+    p.add_argument("--method", default="fused", choices=editing.OUTPAINT_METHODS,
+                   help="fused: MultiDiffusion windows; iterative: window after window")
+    p.add_argument("--stride", type=int, default=None, help="pixels between windows (default half a window)")
+    p.add_argument("--inpaint-method", default="replace", choices=editing.EDITS)
+    p.set_defaults(func=_outpaint)
     p = sub.add_parser("img2img", help="SDEdit: noise an image part way and sample it back with the condition")
     _sampling_args(p)
     p.add_argument("--image", required=True, help=image)

@@ -112,6 +112,10 @@ class Pipeline:
         """Complete ``image`` where ``mask`` (1 = keep) is 0: ``difflab.editing.inpaint``."""
         return editing.inpaint(self, image, mask, prompt, **options)
 
+    def outpaint(self, image, prompt=None, **options) -> torch.Tensor:
+        """``image`` on a larger canvas (``size=(H, W)``), the rest generated: ``difflab.editing.outpaint``."""
+        return editing.outpaint(self, image, prompt, **options)
+
     def img2img(self, image, prompt=None, **options) -> torch.Tensor:
         """SDEdit at ``strength``: ``difflab.editing.img2img``."""
         return editing.img2img(self, image, prompt, **options)

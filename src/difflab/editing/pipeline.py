@@ -12,10 +12,12 @@ from torch import Tensor
 
 from ..cond import Cond
 from ..generate import NonFiniteSample, generate
+from ..seeds import derive_seed
 from ..guidance import ClassifierFreeGuidance
 from .img2img import FromState, Img2Img
 from .inpaint import Inpaint
 from .inversion import invert
+from .outpaint import OUTPAINT_METHODS, WindowedDenoiser, windows
 from .masks import check_image, check_mask, composite, feathered, inpainting_input, latent_mask
 
 
@@ -57,6 +59,51 @@ def inpaint(pipe, image: Tensor, mask: Tensor, prompt=None, *, n: int | None = N
     x = generate(model, pipe.latent_shape, n, s, cond=cond, null_cond=null, progress=progress, edit=edit)
     out = pipe.decode(x, s.batch_size).clamp(-1, 1)
     return composite(image, out, feathered(mask, feather))
+
+
+def outpaint(pipe, image: Tensor, prompt=None, *, size: tuple[int, int], offset: tuple[int, int] = (0, 0),
+             method: str = "fused", stride: int | None = None, n: int | None = None, labels=None,
+             inpaint_method: str = "replace", progress: bool = True, **sampling) -> Tensor:
+    """``image`` (the model's size) at ``offset`` (top, left) of a canvas of ``size`` (H, W), the rest
+    generated over windows of the model's size every ``stride`` pixels (half a window by default):
+    ``fused`` (MultiDiffusion) or ``iterative`` (window after window); see ``editing.outpaint``.
+    The known pixels are returned exactly."""
+    if method not in OUTPAINT_METHODS:
+        raise ValueError(f"unknown outpainting method {method!r}; expected one of {', '.join(OUTPAINT_METHODS)}")
+    image, n = _batch(pipe, image, n)
+    canvas, mask = _canvas(image, size, offset)
+    window = tuple(pipe.shape[1:])
+    stride = window[0] // 2 if stride is None else stride
+    spans = windows(tuple(size), window, (stride, stride))  # checks the canvas and the stride
+    s = pipe.settings(sampling.pop("settings", None), **sampling)
+    if method == "iterative":
+        for i, (r, c) in enumerate(spans):
+            if mask[..., r, c].all():
+                continue
+            done = inpaint(pipe, canvas[..., r, c], mask[:1, :, r, c], prompt, n=n, labels=labels, method=inpaint_method,
+                           settings=replace(s, seed=derive_seed(s.seed, i)), progress=progress)
+            canvas[..., r, c], mask[..., r, c] = done, 1
+        return canvas
+    known = pipe.encode(canvas)
+    f = canvas.shape[-1] // known.shape[-1]
+    known_mask = mask if pipe.vae is None else latent_mask(mask, known.shape[2:])
+    model, cond, null, s = pipe.sampling_parts(prompt, n, labels, s)
+    windowed = WindowedDenoiser(model, pipe.latent_shape[1:], (stride // f, stride // f))
+    edit = Inpaint(known, known_mask, inpaint_method)
+    x = generate(windowed, known.shape[1:], n, s, cond=cond, null_cond=null, progress=progress, edit=edit)
+    return composite(canvas, pipe.decode(x, s.batch_size).clamp(-1, 1), mask)
+
+
+def _canvas(image: Tensor, size, offset) -> tuple[Tensor, Tensor]:
+    """The canvas (unknown pixels at -1) and its mask (1 where the image lies)."""
+    (h, w), (top, left) = size, offset
+    ih, iw = image.shape[2:]
+    if not (0 <= top and 0 <= left and top + ih <= h and left + iw <= w):
+        raise ValueError(f"an {ih}x{iw} image at offset ({top}, {left}) does not fit a {h}x{w} canvas")
+    canvas = -torch.ones(len(image), image.shape[1], h, w)
+    mask = torch.zeros(len(image), 1, h, w)
+    canvas[..., top:top + ih, left:left + iw], mask[..., top:top + ih, left:left + iw] = image, 1
+    return canvas, mask
 
 
 def img2img(pipe, image: Tensor, prompt=None, *, strength: float = 0.6, n: int | None = None, labels=None,
@@ -107,4 +154,4 @@ def _device(pipe) -> torch.device:
     return params[0].device if params else torch.device("cpu")
 
 
-__all__ = ["METHODS", "img2img", "inpaint", "invert_image", "reconstruct"]
+__all__ = ["METHODS", "img2img", "inpaint", "invert_image", "outpaint", "reconstruct"]
