@@ -12,13 +12,13 @@ from torch import Tensor
 
 from ..cond import Cond
 from ..generate import NonFiniteSample, generate
-from ..seeds import derive_seed
 from ..guidance import ClassifierFreeGuidance
+from ..seeds import derive_seed
 from .img2img import FromState, Img2Img
 from .inpaint import Inpaint
 from .inversion import invert
-from .outpaint import OUTPAINT_METHODS, WindowedDenoiser, windows
 from .masks import check_image, check_mask, composite, feathered, inpainting_input, latent_mask
+from .outpaint import OUTPAINT_METHODS, WindowedDenoiser, windows
 
 
 def _batch(pipe, image: Tensor, n: int | None) -> tuple[Tensor, int]:
