@@ -125,3 +125,21 @@ def test_sag_masks_the_positions_that_receive_most_attention():
         SelfAttentionGuidance(GaussianMixture.default(4))
     with pytest.raises(ValueError, match="needs the U-Net's middle self-attention"):
         SelfAttentionGuidance(denoisers.build("edm", _unet(mid_attn=False, attn_levels=()), schedules.EDM(), 0.5))
+
+
+def test_sag_and_inpainting_key_their_own_evaluation_samples_and_defaults_keep_the_old_key(tmp_path):
+    from conftest import TINY
+    from difflab import load
+    from difflab.config import load_config
+    from difflab.evaluation.samples import settings_of, shard_settings
+    from difflab.train import train
+
+    pipe = load(train(load_config(None, TINY + [f"out={tmp_path / 'run'}", "train.steps=2"]), progress=False))
+    plain = shard_settings(pipe, SamplingSettings(guidance=3.0))
+    assert shard_settings(pipe, SamplingSettings(guidance=3.0, sag_scale=0.0)) == plain and "sag_scale" not in plain
+    guided = shard_settings(pipe, SamplingSettings(guidance=3.0, sag_scale=0.5))
+    assert guided != plain and settings_of(guided).sag_scale == 0.5
+    from difflab.evaluation.samples import _hashed_config
+    assert "inpainting" not in _hashed_config(pipe.cfg.to_dict())["model"]  # as before the key existed
+    inpainter = load_config(None, TINY + ["model.inpainting=true"]).to_dict()
+    assert _hashed_config(inpainter)["model"]["inpainting"] is True

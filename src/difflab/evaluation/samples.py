@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import runs
+from ..config import ADDED_KEYS, Config
 from ..data.shapes import single_object_prompts
 from ..devices import DistInfo, init_distributed
 from ..files import save_npz, write_json
@@ -54,7 +55,7 @@ def shard_settings(pipe, settings: SamplingSettings, shard_size: int = 1000) -> 
     sampler_info(s.sampler)  # an unknown sampler fails here, before any folder is made
     out = {
         "format": SHARD_FORMAT, "weights_sha256": weights_sha256(pipe.denoiser),
-        "config_sha256": _digest({k: cfg[k] for k in ("model", "diffusion", "data")}),
+        "config_sha256": _digest(_hashed_config(cfg)),
         "sampler": s.sampler, "steps": int(s.steps), "spacing": s.spacing, "guidance": float(s.guidance),
         "guidance_rescale": float(s.guidance_rescale), "negative_prompt": s.negative_prompt if pipe.is_text else None,
         "text_encoder_sha256": pipe.conditioner.identity()["weights_sha256"] if pipe.is_text else None,
@@ -62,6 +63,20 @@ def shard_settings(pipe, settings: SamplingSettings, shard_size: int = 1000) -> 
         "seed": int(s.seed), "shard_size": int(shard_size)}
     if s.options:  # recorded only when set, so folders made before options existed keep their hash
         out["options"] = s.options
+    if s.sag_scale:  # likewise
+        out["sag_scale"] = float(s.sag_scale)
+    return out
+
+
+def _hashed_config(cfg: dict) -> dict:
+    """The config sections that decide the samples, less keys added since at their defaults (so
+    that shard folders made before those keys existed keep their hash)."""
+    defaults = Config().to_dict()
+    out = {k: dict(cfg[k]) for k in ("model", "diffusion", "data")}
+    for key in ADDED_KEYS:
+        section, name = key.split(".")
+        if section in out and out[section].get(name) == defaults[section][name]:
+            del out[section][name]
     return out
 
 
@@ -70,7 +85,7 @@ def settings_of(shard: dict) -> SamplingSettings:
     return SamplingSettings(sampler=shard["sampler"], options=shard.get("options", {}), steps=shard["steps"],
                             spacing=shard["spacing"], guidance=shard["guidance"],
                             guidance_rescale=shard["guidance_rescale"], negative_prompt=shard["negative_prompt"],
-                            seed=shard["seed"])
+                            seed=shard["seed"], sag_scale=shard.get("sag_scale"))
 
 
 def default_sample_folder(pipe, settings: dict) -> Path:
