@@ -161,7 +161,17 @@ class Edit:
         return x
 
 
-def _model_device(denoiser) -> torch.device:
+def guided(denoiser, s: SamplingSettings, null_cond: Cond | None = None):
+    """The denoiser that sampling with the resolved settings ``s`` runs: self-attention guidance at
+    ``s.sag_scale`` beneath classifier-free guidance (when ``null_cond`` is given)."""
+    base = SelfAttentionGuidance(denoiser, s.sag_scale) if s.sag_scale else denoiser
+    if null_cond is None:
+        return base
+    return ClassifierFreeGuidance(base, 1.0 if s.guidance is None else s.guidance, null_cond,
+                                  rescale=s.guidance_rescale)
+
+
+def model_device(denoiser) -> torch.device:
     params = list(denoiser.parameters()) if hasattr(denoiser, "parameters") else []
     return params[0].device if params else torch.device("cpu")
 
@@ -188,17 +198,14 @@ def generate(denoiser, shape, n: int, settings: SamplingSettings | None = None, 
     options = check_options(s.sampler, s.options)
     edit = edit or Edit()
     sigmas = edit.grid(denoiser.schedule.sigmas(s.steps, s.spacing))
-    device = device if device is not None else _model_device(denoiser)
+    device = device if device is not None else model_device(denoiser)
     seeds = sample_seeds(s.seed, first_index + n)[first_index:]
     out = []
-    base = SelfAttentionGuidance(denoiser, s.sag_scale) if s.sag_scale else denoiser
     for start in tqdm(range(0, n, s.batch_size), disable=not progress, desc=f"{s.sampler} x{s.steps}"):
         stop = min(n, start + s.batch_size)
-        model = base
-        if null_cond is not None:  # a per-sample negative prompt is sliced to the batch
-            null = null_cond if len(null_cond) == 1 else null_cond[start:stop]
-            model = ClassifierFreeGuidance(base, 1.0 if s.guidance is None else s.guidance, null,
-                                           rescale=s.guidance_rescale)
+        # a per-sample negative prompt is sliced to the batch
+        null = None if null_cond is None else null_cond if len(null_cond) == 1 else null_cond[start:stop]
+        model = guided(denoiser, s, null)
         if hasattr(model, "reset"):  # stateful guidance (SLD momentum) starts every trajectory afresh
             model.reset()
         rows = slice(start, stop)

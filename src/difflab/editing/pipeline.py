@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from ..cond import Cond
-from ..generate import NonFiniteSample, generate
-from ..guidance import ClassifierFreeGuidance
+from ..generate import NonFiniteSample, generate, guided, model_device
 from ..seeds import derive_seed
 from .img2img import FromState, Img2Img
 from .inpaint import Inpaint
@@ -117,24 +116,16 @@ def img2img(pipe, image: Tensor, prompt=None, *, strength: float = 0.6, n: int |
     return pipe(prompt, n, labels, edit=Img2Img(pipe.encode(image), strength), progress=progress, **sampling)
 
 
-def _guided(pipe, n: int, prompt, labels, sampling: dict):
-    """The denoiser a sampling call with these settings uses (classifier-free guidance built in)."""
-    model, cond, null, s = pipe.sampling_parts(prompt, n, labels, **sampling)
-    if null is not None:
-        model = ClassifierFreeGuidance(model, 1.0 if s.guidance is None else s.guidance, null,
-                                       rescale=s.guidance_rescale)
-    return model, cond, s
-
-
 def invert_image(pipe, image: Tensor, prompt=None, *, labels=None, progress: bool = True, **sampling) -> Tensor:
     """The noise at sigma_max that the settings' deterministic sampler (``ddim`` or ``dpmpp_2m``) maps
     back to ``image``: DDIM inversion with the same condition and guidance as the reconstruction."""
     image, n = _batch(pipe, image, None)
-    model, cond, s = _guided(pipe, n, prompt, labels, sampling)
+    model, cond, null, s = pipe.sampling_parts(prompt, n, labels, **sampling)
+    model = guided(model, s, null)  # as the reconstruction samples: the same guidance, SAG included
     sigmas = pipe.denoiser.schedule.sigmas(s.steps, s.spacing)
     if s.options.get("eta", 0) != 0:
         raise ValueError(f"inversion is deterministic: it takes no eta (got eta={s.options['eta']})")
-    device = _device(pipe)
+    device = model_device(pipe.denoiser)
     x0 = pipe.encode(image).to(device)
     cond = None if cond is None else cond.to(device)
     x = invert(model, x0, sigmas, cond, solver=s.sampler, progress=progress)
@@ -147,11 +138,6 @@ def reconstruct(pipe, noise: Tensor, prompt=None, *, labels=None, progress: bool
     """Images sampled down from given states at sigma_max (an ``invert_image`` result)."""
     edit = FromState(noise)
     return pipe(prompt, len(noise), labels, edit=edit, progress=progress, **sampling)
-
-
-def _device(pipe) -> torch.device:
-    params = list(pipe.denoiser.parameters())
-    return params[0].device if params else torch.device("cpu")
 
 
 __all__ = ["METHODS", "img2img", "inpaint", "invert_image", "outpaint", "reconstruct"]
