@@ -178,15 +178,57 @@ def _invert(args) -> None:
     args.n = 1
     pipe, prompt, labels, settings = _request(args)
     image = _input_image(args, pipe)
-    noise = editing.invert_image(pipe, image, prompt, labels=labels, settings=settings, progress=not args.quiet)
-    again = editing.reconstruct(pipe, noise, prompt, labels=labels, settings=settings, progress=False)
+    arrays, nulls = {}, None
+    if args.null_text:
+        if not isinstance(prompt, str):
+            raise ValueError("--null-text inverts a text model's image under one --prompt")
+        noise, nulls = editing.invert_null_text(pipe, image, prompt, settings=settings, progress=not args.quiet)
+        arrays["null_context"] = torch.stack([null.context for null in nulls]).numpy()
+        if nulls[0].pooled is not None:
+            arrays["null_pooled"] = torch.stack([null.pooled for null in nulls]).numpy()
+    else:
+        noise = editing.invert_image(pipe, image, prompt, labels=labels, settings=settings, progress=not args.quiet)
+    again = editing.reconstruct(pipe, noise, prompt, labels=labels, nulls=nulls, settings=settings, progress=False)
     psnr = psnr_db(again, image).mean().item()
     npz = Path(args.out).with_suffix(".npz")
     if Path(args.out).suffix.lower() != ".npz":  # the grid first: its .npz beside is replaced below
         save_samples(torch.cat([image, again]), Path(args.out), nrow=2)
         print(f"wrote {args.out} (the image, then its reconstruction)")
-    save_npz(npz, noise=noise.numpy(), reconstruction=again.numpy(), psnr_db=np.float64(psnr))
-    print(f"wrote {npz} (noise at sigma_max, reconstruction); reconstruction PSNR {psnr:.2f} dB")
+    save_npz(npz, noise=noise.numpy(), reconstruction=again.numpy(), psnr_db=np.float64(psnr), **arrays)
+    kind = " and the per-step null embeddings" if nulls else ""
+    print(f"wrote {npz} (noise at sigma_max{kind}, reconstruction); reconstruction PSNR {psnr:.2f} dB")
+
+
+def _reweights(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        word, _, factor = pair.partition("=")
+        try:
+            out[word] = float(factor)
+        except ValueError:
+            raise ValueError(f"--reweight expects WORD=FACTOR such as red=2, got {pair!r}") from None
+    return out
+
+
+def _edit(args) -> None:
+    if args.prompt is not None:
+        raise ValueError("edit takes --source-prompt and --target-prompt, not --prompt")
+    pipe, _, labels, settings = _request(args)
+    if labels is not None:
+        raise ValueError("edit works on text models: it takes prompts, not --labels")
+    image = None if args.image is None else _input_image(args, pipe)
+    sources, targets = editing.edit_prompt(
+        pipe, args.source_prompt, args.target_prompt, n=args.n, image=image, null_text=not args.no_null_text,
+        mode=args.mode, cross_steps=args.cross_steps, self_steps=args.self_steps, reweight=_reweights(args.reweight),
+        blend=tuple(w for w in (args.blend or "").split(",") if w), blend_threshold=args.blend_threshold,
+        settings=settings, progress=not args.quiet)
+    out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        save_samples(torch.stack([sources, targets], 1).flatten(0, 1), out, nrow=2)
+        print(f"wrote {out} (each row: the source, then its edit)")
+    npz = out.with_suffix(".npz")
+    save_npz(npz, sources=sources.numpy(), targets=targets.numpy())
+    print(f"wrote {npz} (sources, targets)")
 
 
 def _fid_stats(args) -> None:
@@ -320,7 +362,25 @@ def _edit_parsers(sub) -> None:
     p = sub.add_parser("invert", help="DDIM / DPM-Solver++(2M) inversion of an image; reports its reconstruction")
     _sampling_args(p, n=False)
     p.add_argument("--image", required=True, help=image)
+    p.add_argument("--null-text", action="store_true",
+                   help="text models under guidance: optimise the null embedding per step (Mokady et al. 2023)")
     p.set_defaults(func=_invert, out="inverted.npz")
+    p = sub.add_parser("edit", help="prompt-to-prompt: edit generated (or, with --image, inverted) images by "
+                                    "changing the prompt")
+    _sampling_args(p)
+    p.add_argument("--source-prompt", required=True)
+    p.add_argument("--target-prompt", required=True)
+    p.add_argument("--image", default=None, help=image + "; edited after inversion under the source prompt")
+    p.add_argument("--no-null-text", action="store_true", help="with --image under guidance: plain DDIM inversion")
+    p.add_argument("--mode", default=None, choices=editing.prompt2prompt.MODES,
+                   help="replace (word swap) or refine (words added); default: replace when the word counts agree")
+    p.add_argument("--cross-steps", type=float, default=0.8, help="fraction of steps with injected cross-attention")
+    p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with injected self-attention")
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR",
+                   help="scale a target word's cross-attention, repeatable")
+    p.add_argument("--blend", default=None, help="comma-separated words whose attention bounds the edit (local blend)")
+    p.add_argument("--blend-threshold", type=float, default=0.3)
+    p.set_defaults(func=_edit, out="edits.png")
 
 
 def _eval_parser(sub) -> None:

@@ -140,6 +140,10 @@ class Edit:
     image-to-image and inversion (``difflab.editing``) override some, so every edit runs with every
     sampler, guidance and seed rule of ``generate``."""
 
+    def seeds(self, seeds: list[int]) -> list[int]:
+        """Each row's seed (prompt-to-prompt gives a source and its target one seed)."""
+        return seeds
+
     def grid(self, sigmas: Tensor) -> Tensor:
         """The sigma grid to sample (image-to-image starts lower on it)."""
         return sigmas
@@ -199,7 +203,7 @@ def generate(denoiser, shape, n: int, settings: SamplingSettings | None = None, 
     edit = edit or Edit()
     sigmas = edit.grid(denoiser.schedule.sigmas(s.steps, s.spacing))
     device = device if device is not None else model_device(denoiser)
-    seeds = sample_seeds(s.seed, first_index + n)[first_index:]
+    seeds = edit.seeds(sample_seeds(s.seed, first_index + n)[first_index:])
     out = []
     for start in tqdm(range(0, n, s.batch_size), disable=not progress, desc=f"{s.sampler} x{s.steps}"):
         stop = min(n, start + s.batch_size)

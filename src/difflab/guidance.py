@@ -210,12 +210,12 @@ class _AttentionCapture(AttentionHook):
         return probs
 
 
-def _unet_of(denoiser) -> UNet:
-    """The U-Net inside a denoiser and the wrappers around it."""
+def unet_of(denoiser, purpose: str = "self-attention guidance") -> UNet:
+    """The U-Net inside a denoiser and the wrappers around it (for attention hooks)."""
     d = denoiser
     while not isinstance(getattr(d, "net", None), UNet):
         if not hasattr(d, "denoiser"):
-            raise ValueError("self-attention guidance needs a denoiser over a difflab UNet (its attention maps)")
+            raise ValueError(f"{purpose} needs a denoiser over a difflab UNet (its attention maps)")
         d = d.denoiser
     return d.net
 
@@ -240,7 +240,7 @@ class SelfAttentionGuidance(DenoiserWrapper):
         if not math.isfinite(scale):
             raise ValueError(f"SAG scale must be a finite number, got {scale}")
         self.scale, self.blur_sigma, self.threshold = scale, blur_sigma, threshold
-        self.unet = _unet_of(denoiser)
+        self.unet = unet_of(denoiser)
         layers = [n for n in self.unet.attention_layers() if n.startswith("mid.") and n.endswith(".self")]
         if layer is None and not layers:
             raise ValueError("self-attention guidance needs the U-Net's middle self-attention (model.mid_attn=true)")

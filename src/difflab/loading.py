@@ -128,6 +128,14 @@ class Pipeline:
         """Images sampled down from ``invert``'s noise: ``difflab.editing.reconstruct``."""
         return editing.reconstruct(self, noise, prompt, **options)
 
+    def invert_null_text(self, image, prompt, **options):
+        """(noise, per-step nulls) of null-text inversion: ``difflab.editing.invert_null_text``."""
+        return editing.invert_null_text(self, image, prompt, **options)
+
+    def edit(self, source, target, **options) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-to-prompt, (sources, edits): ``difflab.editing.edit_prompt``."""
+        return editing.edit_prompt(self, source, target, **options)
+
     def sampling_parts(self, prompt=None, n: int = 64, labels=None, settings: SamplingSettings | None = None, *,
                        guide=None, **overrides):
         """(denoiser, cond, null_cond, settings) that ``__call__`` hands to ``generate``."""

@@ -151,6 +151,15 @@ def _hf_tokenize(tokenizer, captions: list[str], max_length: int, name: str) -> 
                      return_tensors="pt")
 
 
+def _spans(words_: list[str], counts: list[int], end: int) -> list[tuple[str, list[int]]]:
+    """Words with their token positions, counting from 1 (after the start token), cut at ``end``."""
+    out, at = [], 1
+    for word, n in zip(words_, counts):
+        out.append((word.lower(), [p for p in range(at, at + n) if p < end]))
+        at += n
+    return out
+
+
 def _finish(hidden: Tensor, mask: Tensor, pooled: Tensor) -> TextEmbedding:
     """float32, zeros at padding (so embeddings do not depend on the batch they came in)."""
     mask = mask.bool()
@@ -202,6 +211,18 @@ class _FrozenHFEncoder:
     def to(self, device):
         self.model.to(device)
         return self
+
+    def word_positions(self, caption: str) -> list[tuple[str, list[int]]]:
+        """Each whitespace-separated word of ``caption`` with the positions of its tokens in the
+        encoded sequence (the start token is position 0), for word-level attention edits
+        (prompt-to-prompt). Words cut off at ``max_length`` have no positions."""
+        ids = self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"]
+        pieces = [self.tokenizer(w, add_special_tokens=False)["input_ids"] for w in caption.split()]
+        flat = [i for p in pieces for i in p]
+        if ids[1:1 + len(flat)] != flat[:len(ids) - 2]:
+            raise ValueError(f"{self.name}: the tokens of {caption!r} are not its words' tokens in order; "
+                             "word-level edits cannot locate its words")
+        return _spans(caption.split(), [len(p) for p in pieces], len(ids) - 1)
 
 
 class MiniLMEncoder(_FrozenHFEncoder):
@@ -407,6 +428,11 @@ class TokenEncoder(nn.Module):
         ids = torch.tensor([s + [PAD] * (length - len(s)) for s in seqs], dtype=torch.long)
         return ids.to(self.pos.device), ids.to(self.pos.device) != PAD
 
+    def word_positions(self, caption: str) -> list[tuple[str, list[int]]]:
+        """Each word (``words``) with its token position (after ``[CLS]``, cut at ``max_length``)."""
+        ws = words(caption)
+        return _spans(ws, [1] * len(ws), self.max_length)
+
     def forward(self, captions: Sequence[str]) -> TextEmbedding:
         ids, mask = self.tokenize(captions)
         x = self.embed(ids) + self.pos[:ids.shape[1]]
@@ -450,6 +476,9 @@ class CachedEncoder:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def word_positions(self, caption: str) -> list[tuple[str, list[int]]]:
+        return self.encoder.word_positions(caption)
 
     def __contains__(self, caption: str) -> bool:
         return caption in self._cache

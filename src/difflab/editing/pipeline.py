@@ -5,19 +5,21 @@ and after decoding the known pixels are put back exactly (``feather`` blends the
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 from torch import Tensor
 
 from ..cond import Cond
 from ..generate import NonFiniteSample, generate, guided, model_device
+from ..guidance import unet_of
 from ..seeds import derive_seed
 from .img2img import FromState, Img2Img
 from .inpaint import Inpaint
-from .inversion import invert
+from .inversion import NullTextReconstruction, StepNullGuidance, invert, null_text_invert
 from .masks import check_image, check_mask, composite, feathered, inpainting_input, latent_mask
 from .outpaint import OUTPAINT_METHODS, WindowedDenoiser, windows
+from .prompt2prompt import PromptEdit, PromptToPrompt, token_map
 
 
 def _batch(pipe, image: Tensor, n: int | None) -> tuple[Tensor, int]:
@@ -116,28 +118,118 @@ def img2img(pipe, image: Tensor, prompt=None, *, strength: float = 0.6, n: int |
     return pipe(prompt, n, labels, edit=Img2Img(pipe.encode(image), strength), progress=progress, **sampling)
 
 
-def invert_image(pipe, image: Tensor, prompt=None, *, labels=None, progress: bool = True, **sampling) -> Tensor:
-    """The noise at sigma_max that the settings' deterministic sampler (``ddim`` or ``dpmpp_2m``) maps
-    back to ``image``: DDIM inversion with the same condition and guidance as the reconstruction."""
+def _inversion_parts(pipe, image: Tensor, prompt, labels, sampling: dict):
+    """(x0 on the model's device, cond, null, settings, sigmas, unguided denoiser) for inverting ``image``."""
     image, n = _batch(pipe, image, None)
     model, cond, null, s = pipe.sampling_parts(prompt, n, labels, **sampling)
-    model = guided(model, s, null)  # as the reconstruction samples: the same guidance, SAG included
-    sigmas = pipe.denoiser.schedule.sigmas(s.steps, s.spacing)
     if s.options.get("eta", 0) != 0:
         raise ValueError(f"inversion is deterministic: it takes no eta (got eta={s.options['eta']})")
     device = model_device(pipe.denoiser)
-    x0 = pipe.encode(image).to(device)
     cond = None if cond is None else cond.to(device)
-    x = invert(model, x0, sigmas, cond, solver=s.sampler, progress=progress)
+    null = None if null is None else null.to(device)
+    sigmas = pipe.denoiser.schedule.sigmas(s.steps, s.spacing)
+    return pipe.encode(image).to(device), cond, null, s, sigmas, model
+
+
+def _checked(x: Tensor) -> Tensor:
     if not torch.isfinite(x).all():
         raise NonFiniteSample("inversion produced NaN or infinite values: the weights or settings are not sound")
     return x.float().cpu()
 
 
-def reconstruct(pipe, noise: Tensor, prompt=None, *, labels=None, progress: bool = True, **sampling) -> Tensor:
-    """Images sampled down from given states at sigma_max (an ``invert_image`` result)."""
-    edit = FromState(noise)
-    return pipe(prompt, len(noise), labels, edit=edit, progress=progress, **sampling)
+def invert_image(pipe, image: Tensor, prompt=None, *, labels=None, progress: bool = True, **sampling) -> Tensor:
+    """The noise at sigma_max that the settings' deterministic sampler (``ddim`` or ``dpmpp_2m``) maps
+    back to ``image``: DDIM inversion with the same condition and guidance as the reconstruction."""
+    x0, cond, null, s, sigmas, model = _inversion_parts(pipe, image, prompt, labels, sampling)
+    model = guided(model, s, null)  # as the reconstruction samples: the same guidance, SAG included
+    return _checked(invert(model, x0, sigmas, cond, solver=s.sampler, progress=progress))
 
 
-__all__ = ["METHODS", "img2img", "inpaint", "invert_image", "outpaint", "reconstruct"]
+def invert_null_text(pipe, image: Tensor, prompt: str, *, inner_steps: int = 10, lr: float = 1e-2,
+                     progress: bool = True, **sampling) -> tuple[Tensor, list[Cond]]:
+    """Null-text inversion (``editing.inversion.null_text_invert``) of ``image`` under ``prompt`` at
+    the settings' guidance: the noise at sigma_max and one null condition per step, with which
+    ``reconstruct(..., nulls=...)`` (same settings) gives back about ``image``."""
+    if not pipe.is_text:
+        raise ValueError("null-text inversion optimises the null text embedding: it needs a text-conditional model")
+    x0, cond, null, s, sigmas, model = _inversion_parts(pipe, image, prompt, None, sampling)
+    noise, nulls = null_text_invert(guided(model, s, None), x0, sigmas, cond, null, s.guidance, s.sampler,
+                                    rescale=s.guidance_rescale or 0.0, inner_steps=inner_steps, lr=lr,
+                                    progress=progress)
+    return _checked(noise), [null.to("cpu") for null in nulls]
+
+
+def reconstruct(pipe, noise: Tensor, prompt=None, *, labels=None, nulls: list[Cond] | None = None,
+                progress: bool = True, **sampling) -> Tensor:
+    """Images sampled down from given states at sigma_max (an ``invert_image`` result, or with
+    ``nulls`` an ``invert_null_text`` one, guided with its per-step null conditions)."""
+    if nulls is None:
+        return pipe(prompt, len(noise), labels, edit=FromState(noise), progress=progress, **sampling)
+    model, cond, _, s = pipe.sampling_parts(prompt, len(noise), labels, **sampling)
+    edit = NullTextReconstruction(noise, nulls, s.guidance, s.guidance_rescale or 0.0)
+    x = generate(model, pipe.latent_shape, len(noise), _unguided(s), cond=cond, progress=progress, edit=edit)
+    return pipe.decode(x, s.batch_size).clamp(-1, 1)
+
+
+def _unguided(s):
+    """``s`` for a denoiser whose guidance the edit builds itself."""
+    return replace(s, guidance=None, guidance_rescale=None)
+
+
+PROMPT_EDIT_OPTIONS = tuple(f.name for f in fields(PromptEdit) if f.name not in ("source", "target"))
+
+
+def edit_prompt(pipe, source: str, target: str, *, n: int | None = None, image: Tensor | None = None,
+                null_text: bool = True, progress: bool = True, **options) -> tuple[Tensor, Tensor]:
+    """Prompt-to-prompt (``editing.prompt2prompt``): (source images, edited images), each (n, C, H, W).
+
+    From noise, sample k of the source is what ``pipe(source, seed=...)`` gives for sample k. With
+    ``image`` (1 or n images) the start is its inversion under ``source``: null-text inversion
+    when guided (guidance > 1) and ``null_text``, else DDIM inversion. ``options``: the
+    ``PromptEdit`` fields (``mode``, ``cross_steps``, ``self_steps``, ``reweight``, ``blend``, ...)
+    and the sampling settings; the batch size is rounded down to an even number (pairs)."""
+    if not pipe.is_text:
+        raise ValueError("prompt-to-prompt edits the prompt: it needs a text-conditional model")
+    edit = PromptEdit(source, target, **{k: options.pop(k) for k in PROMPT_EDIT_OPTIONS if k in options})
+    s = pipe.settings(options.pop("settings", None), **options)
+    start, nulls = None, None
+    if image is not None:
+        if null_text and (s.guidance or 1.0) > 1:
+            start, nulls = invert_null_text(pipe, image, source, settings=s, progress=progress)
+        else:
+            start = invert_image(pipe, image, source, settings=s, progress=progress)
+        n = len(start)
+    n = 1 if n is None else n
+    s = replace(s, batch_size=max(2, s.batch_size - s.batch_size % 2))
+    model, cond, null, s = pipe.sampling_parts([source, target] * n, 2 * n, None, s)
+    tokens = token_map(edit, *_words_and_lengths(pipe, cond, source, target))
+    guide = None
+    if nulls is not None:
+        guide = _pair_nulls(nulls, s, pipe.denoiser.schedule.sigmas(s.steps, s.spacing))
+        null, s = None, _unguided(s)
+    p2p = PromptToPrompt(unet_of(pipe.denoiser, "prompt-to-prompt"), edit, tokens, start, guide)
+    x = generate(model, pipe.latent_shape, 2 * n, s, cond=cond, null_cond=null, progress=progress, edit=p2p)
+    images = pipe.decode(x, s.batch_size).clamp(-1, 1)
+    return images[0::2], images[1::2]
+
+
+def _words_and_lengths(pipe, cond: Cond, source: str, target: str):
+    """Each prompt's (word, token positions) and token count, for ``token_map``."""
+    encoder = pipe.conditioner.encoder
+    if not hasattr(encoder, "word_positions"):
+        raise ValueError(f"prompt-to-prompt needs the text encoder's word positions; {type(encoder).__name__} "
+                         "has no word_positions")
+    lengths = cond.context_mask[:2].sum(1).tolist()
+    return encoder.word_positions(source), encoder.word_positions(target), int(lengths[0]), int(lengths[1])
+
+
+def _pair_nulls(nulls: list[Cond], s, sigmas: Tensor):
+    """rows -> guidance with null-text inversion's per-step nulls, each pair's row for both its rows."""
+    def guide(model, rows):
+        pairs = torch.arange(rows.start // 2, (rows.stop + 1) // 2).repeat_interleave(2)
+        return StepNullGuidance(model, s.guidance, [null[pairs] for null in nulls], sigmas, s.guidance_rescale or 0.0)
+    return guide
+
+
+__all__ = ["METHODS", "PROMPT_EDIT_OPTIONS", "edit_prompt", "img2img", "inpaint", "invert_image", "invert_null_text",
+           "outpaint", "reconstruct"]

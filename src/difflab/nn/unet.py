@@ -385,19 +385,36 @@ def _checkpointed(block: nn.Module, *args) -> Tensor:
     return checkpoint(block, *args, use_reentrant=False)
 
 
+class _Chained(AttentionHook):
+    """Two hooks on one layer: the one installed first sees the layer's values first."""
+
+    def __init__(self, first: AttentionHook, then: AttentionHook):
+        self.first, self.then = first, then
+
+    def qkv(self, name, q, k, v):
+        return self.then.qkv(name, *self.first.qkv(name, q, k, v))
+
+    def probs(self, name, probs):
+        return self.then.probs(name, self.first.probs(name, probs))
+
+
 @contextmanager
 def attention_hooks(unet: "UNet", hook: AttentionHook, layers=None):
     """Install ``hook`` on the attention layers named in ``layers`` (all when None; a callable
-    ``name -> bool`` or a collection of names) for the duration of the ``with`` block."""
+    ``name -> bool`` or a collection of names) for the duration of the ``with`` block. Hooks nest:
+    on a layer that already has one, the new hook sees what the earlier one made of the values
+    (prompt-to-prompt with self-attention guidance beneath it), and leaving the block puts the
+    earlier hook back."""
     found = unet.attention_layers()
     chosen = [n for n in found if layers is None or (layers(n) if callable(layers) else n in layers)]
     unknown = [] if layers is None or callable(layers) else sorted(set(layers) - set(found))
     if unknown:
         raise ValueError(f"no attention layer named {', '.join(unknown)}; this UNet has {', '.join(found) or 'none'}")
+    earlier = {name: found[name].hook for name in chosen}
     for name in chosen:  # not a submodule even when the hook is an nn.Module
-        object.__setattr__(found[name], "hook", hook)
+        object.__setattr__(found[name], "hook", hook if earlier[name] is None else _Chained(earlier[name], hook))
     try:
         yield chosen
     finally:
         for name in chosen:
-            object.__setattr__(found[name], "hook", None)
+            object.__setattr__(found[name], "hook", earlier[name])
