@@ -10,7 +10,7 @@ from difflab import editing, runs
 from difflab.cli import main
 from difflab.conditioning import conditioner_for
 from difflab.config import load_config
-from difflab.editing.inversion import inversion_path, solver_step
+from difflab.editing.inversion import NULL_TEXT_SOLVERS, inversion_path, solver_step
 from difflab.generate import SamplingSettings, generate
 from difflab.latents import build_vae
 from difflab.loading import Pipeline
@@ -141,7 +141,7 @@ def test_hooks_nest_and_leaving_puts_the_earlier_hook_back():
     assert layer.hook is None and seen == ["outer", "inner"]
 
 
-@pytest.mark.parametrize("solver", editing.SOLVERS)
+@pytest.mark.parametrize("solver", NULL_TEXT_SOLVERS)
 def test_solver_steps_down_the_grid_are_the_samplers(solver):
     gm = GaussianMixture.default(dim=4)
     sigmas = gm.schedule.sigmas(8, "karras")
@@ -157,7 +157,7 @@ def test_solver_steps_down_the_grid_are_the_samplers(solver):
     assert len(path) == len(sigmas) - 1  # one state per positive grid level
 
 
-@pytest.mark.parametrize("solver", editing.SOLVERS)
+@pytest.mark.parametrize("solver", NULL_TEXT_SOLVERS)
 def test_null_text_inversion_reconstructs_better_than_plain_inversion_under_guidance(solver):
     pipe = _text_pipeline()
     image = pipe(SWAP[0], n=2, steps=4, guidance=3, seed=0, progress=False)
@@ -169,6 +169,8 @@ def test_null_text_inversion_reconstructs_better_than_plain_inversion_under_guid
     assert psnr(again, image).mean() > psnr(plain, image).mean() + 3
     with pytest.raises(ValueError, match="gave 12 null conditions for a grid of 6 steps"):
         pipe.reconstruct(noise, SWAP[0], nulls=nulls, **{**kw, "steps": 6})
+    with pytest.raises(ValueError, match="one-evaluation solvers ddim, euler, dpmpp_2m, got 'heun'"):
+        pipe.invert_null_text(image, SWAP[0], **{**kw, "sampler": "heun"})
 
 
 def test_an_image_is_edited_from_its_inversion(pipe):

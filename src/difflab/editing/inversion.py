@@ -5,9 +5,11 @@ Dhariwal & Nichol 2021; Mokady et al. 2023 Sec. 3).
 In sigma space a DDIM step from sigma to sigma' is ``x' = x0_hat + (sigma' / sigma)(x - x0_hat)``
 whichever way it goes, and a DPM-Solver++(2M) step ``x' = (sigma'/sigma) x - expm1(-h) D`` with
 ``h = log(sigma / sigma')`` (negative going up) and the second-order combination ``D`` of the last
-two estimates. The image is taken as the state at the grid's smallest positive sigma; the error of
-inversion is that each step evaluates the denoiser where the step starts, not along it, so it
-shrinks with the number of steps.
+two estimates. Euler's step on the ODE ``dx/dsigma = (x - x0_hat) / sigma`` is DDIM's; Heun's
+averages the slope where the step starts with the slope at the Euler prediction. The image is
+taken as the state at the grid's smallest positive sigma; the error of inversion is that each
+step evaluates the denoiser where the step starts, not along it, so it shrinks with the number of
+steps (and with Heun's correction).
 """
 from __future__ import annotations
 
@@ -23,13 +25,15 @@ from ..denoisers import DenoiserWrapper
 from ..guidance import ClassifierFreeGuidance, rescale_guidance
 from .img2img import FromState
 
-SOLVERS = ("ddim", "dpmpp_2m")
+SOLVERS = ("ddim", "euler", "heun", "dpmpp_2m")
+NULL_TEXT_SOLVERS = ("ddim", "euler", "dpmpp_2m")  # one denoiser evaluation per step
 
 
 def solver_step(solver: str, x: Tensor, sigma: float, sigma_next: float, x0_hat: Tensor, previous=None):
-    """One ``ddim`` or ``dpmpp_2m`` step from ``sigma`` to ``sigma_next`` (down or up the grid) with
-    the estimate ``x0_hat`` at ``x``; ``previous`` is the step before's (x0_hat, h). Returns the state
-    and this step's (x0_hat, h). The step to sigma = 0 is x = x0_hat, as the samplers take it."""
+    """One ``ddim`` (= ``euler``) or ``dpmpp_2m`` step from ``sigma`` to ``sigma_next`` (down or up
+    the grid) with the estimate ``x0_hat`` at ``x``; ``previous`` is the step before's (x0_hat, h).
+    Returns the state and this step's (x0_hat, h). The step to sigma = 0 is x = x0_hat, as the
+    samplers take it."""
     if sigma_next == 0:
         return x0_hat, None
     h = math.log(sigma / sigma_next)
@@ -60,8 +64,18 @@ def inversion_path(denoiser, x0: Tensor, sigmas: Tensor, cond=None, solver: str 
     for i in tqdm(range(len(up) - 1), disable=not progress, desc=f"invert ({solver})", leave=False):
         x0_hat = denoiser(path[-1], _full(x0, up[i]), cond)
         x, previous = solver_step(solver, path[-1], up[i], up[i + 1], x0_hat, previous)
+        if solver == "heun":
+            x = _heun_corrected(denoiser, path[-1], x, up[i], up[i + 1], x0_hat, cond)
         path.append(x)
     return path
+
+
+def _heun_corrected(denoiser, x: Tensor, predicted: Tensor, sigma: float, sigma_next: float, x0_hat: Tensor, cond):
+    """Heun's step (Karras et al. 2022, Alg. 1): the mean of the slopes at ``x`` and at the Euler
+    prediction."""
+    slope = (x - x0_hat) / sigma
+    slope_next = (predicted - denoiser(predicted, _full(x, sigma_next), cond)) / sigma_next
+    return x + (sigma_next - sigma) * (slope + slope_next) / 2
 
 
 def invert(denoiser, x0: Tensor, sigmas: Tensor, cond=None, solver: str = "ddim", progress: bool = True) -> Tensor:
@@ -93,6 +107,9 @@ def null_text_invert(denoiser, x0: Tensor, sigmas: Tensor, cond: Cond, null: Con
     bound. ``denoiser`` is unguided; the conditional branch is evaluated once per step."""
     if null.context is None:
         raise ValueError("null-text inversion optimises the null text embedding: it needs a text-conditional model")
+    if solver not in NULL_TEXT_SOLVERS:
+        raise ValueError(f"null-text inversion is built for the one-evaluation solvers {', '.join(NULL_TEXT_SOLVERS)}, "
+                         f"got {solver!r}")
     grid = torch.as_tensor(sigmas).double().tolist()
     target = list(reversed(inversion_path(denoiser, x0, sigmas, cond, solver, progress)))  # state at grid[i]
     target.append(x0)  # what the last step, to sigma = 0, should give
@@ -162,5 +179,5 @@ class NullTextReconstruction(FromState):
         return StepNullGuidance(model, self.scale, nulls, self.sigmas, self.rescale)
 
 
-__all__ = ["SOLVERS", "NullTextReconstruction", "StepNullGuidance", "grid_step", "invert", "inversion_path",
+__all__ = ["NULL_TEXT_SOLVERS", "SOLVERS", "NullTextReconstruction", "StepNullGuidance", "grid_step", "invert", "inversion_path",
            "null_text_invert", "solver_step"]

@@ -138,8 +138,9 @@ def _checked(x: Tensor) -> Tensor:
 
 
 def invert_image(pipe, image: Tensor, prompt=None, *, labels=None, progress: bool = True, **sampling) -> Tensor:
-    """The noise at sigma_max that the settings' deterministic sampler (``ddim`` or ``dpmpp_2m``) maps
-    back to ``image``: DDIM inversion with the same condition and guidance as the reconstruction."""
+    """The noise at sigma_max that the settings' deterministic sampler (``ddim``, ``euler``, ``heun``
+    or ``dpmpp_2m``) maps back to ``image``: DDIM inversion with the same condition and guidance as
+    the reconstruction."""
     x0, cond, null, s, sigmas, model = _inversion_parts(pipe, image, prompt, labels, sampling)
     model = guided(model, s, null)  # as the reconstruction samples: the same guidance, SAG included
     return _checked(invert(model, x0, sigmas, cond, solver=s.sampler, progress=progress))

@@ -16,9 +16,12 @@ source's, carried over to the target's tokens:
 
 For the first ``self_steps`` the target's self-attention maps are the source's (the paper injects
 them where the map has at most 16x16 queries; so does this). **Local blending** keeps the image
-outside the region of chosen words: the words' cross-attention maps (all cross layers, averaged
-over heads and layers, summed over the steps so far, max-pooled 3x3, normalised by their maximum)
-above ``blend_threshold`` in the source or the target bound the edit. The paper blends the
+outside the region of chosen words: the words' cross-attention maps on the finest
+cross-attention grid (averaged over heads, summed over its layers and the steps so far,
+max-pooled 3x3 on that grid, upsampled, normalised by their maximum) above ``blend_threshold`` in
+the source or the target bound the edit. The paper takes SD's 16x16 layers (a quarter of its
+64x64 latent); on a small model with coarser grids the finest one is the only one whose 3x3
+pool does not cover most of the image. The paper blends the
 states, ``x_t <- x_s + m (x_t - x_s)``; here the denoised estimates are blended, which in sigma
 space is the same for deterministic samplers once the pair agree outside the mask, works with
 every sampler, and makes the last step (x = x0_hat) equal the source exactly outside the mask.
@@ -167,7 +170,7 @@ class AttentionControl(AttentionHook):
     def __init__(self, edit: PromptEdit, tokens: TokenMap, steps: int):
         self.edit, self.tokens, self.steps = edit, tokens, steps
         self.step, self.rows, self.size = 0, 0, (1, 1)
-        self.word_maps: Tensor | None = None  # (rows, 1, H, W) at the input's size: summed over layers and steps
+        self.word_maps: Tensor | None = None  # (rows, 1, h, w) on the finest grid: summed over layers and steps
 
     def begin(self, step: int, rows: int, size) -> None:
         """The step, rows and spatial size (H, W) of the denoiser call that follows."""
@@ -177,7 +180,7 @@ class AttentionControl(AttentionHook):
         return self.step < int(fraction * self.steps)
 
     def probs(self, name: str, probs: Tensor) -> Tensor:
-        half = self.rows if len(probs) == 2 * self.rows else len(probs)  # the conditional half of a guided batch
+        half = min(self.rows, len(probs))  # a guided batch (CFG, safe guidance) puts the conditional rows first
         conditional = probs[:half]
         source, target = conditional[0::2], conditional[1::2]
         cross = name.endswith(".cross")
@@ -203,27 +206,26 @@ class AttentionControl(AttentionHook):
 
     def _gather(self, conditional: Tensor) -> None:
         """Add this layer's maps of the blend words (source words for source rows, target's for
-        target rows), head-averaged, on the grid of the queries."""
+        target rows), head-averaged, if the layer is on the finest cross-attention grid seen."""
         length = conditional.shape[-1]
         marks = torch.stack([_padded(self.tokens.source_blend, length), _padded(self.tokens.target_blend, length)])
         marks = marks.repeat(len(conditional) // 2, 1).to(conditional)
         maps = (conditional.mean(1) * marks[:, None, :]).sum(-1)  # (rows, N)
         (h, w), queries = self.size, maps.shape[1]
         factor = math.isqrt(h * w // queries)  # the layer's downsampling
-        maps = _resized(maps.reshape(len(maps), 1, h // factor, w // factor), self.size)
-        self.word_maps = maps if self.word_maps is None else self.word_maps + maps
+        maps = maps.reshape(len(maps), 1, h // factor, w // factor)
+        if self.word_maps is None or maps.shape[2:] > self.word_maps.shape[2:]:
+            self.word_maps = maps
+        elif maps.shape[2:] == self.word_maps.shape[2:]:
+            self.word_maps = self.word_maps + maps
 
     def blend_mask(self) -> Tensor:
         """(pairs, 1, H, W): 1 where the target may differ from the source."""
         maps = F.max_pool2d(self.word_maps, 3, 1, padding=1)
+        maps = F.interpolate(maps, size=self.size, mode="nearest")
         maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
         inside = (maps > self.edit.blend_threshold).to(maps)
         return (inside[0::2] + inside[1::2]).clamp(max=1)
-
-
-def _resized(maps: Tensor, size) -> Tensor:
-    size = tuple(size)
-    return maps if tuple(maps.shape[2:]) == size else F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 class PromptToPromptDenoiser(DenoiserWrapper):

@@ -1,0 +1,116 @@
+"""Prompt-to-prompt on the shapes text model: colour and shape word swaps, judged by the attribute classifier.
+
+For each swap ("a red circle" -> "a blue circle", ...) ``--n`` source images are generated from
+seeds 0 .. n-1 and edited (``pipe.edit``: cross-attention injected for ``--cross-steps`` of the
+steps, self-attention for ``--self-steps``), with and without a local blend on the object's
+word. The baseline regenerates with the target prompt and the same seed. Measures, against the
+source image:
+
+* changed: the independent attribute classifier's most probable value of the swapped attribute
+  is the target's;
+* kept: the other attribute (shape for a colour swap, colour for a shape swap) and the object
+  count read the same as in the source image;
+* mask IoU: the object mask (pixels more than ``--mask-threshold`` from the background colour in
+  any channel, images in [-1, 1]) of the edit against the source's: the mean, and the share of
+  edits at IoU >= 0.8.
+
+    python benchmarks/prompt2prompt.py [--run runs/shapes-text] [--n 100]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table, write_results  # noqa: E402
+
+import difflab  # noqa: E402
+from difflab.data.shapes import BACKGROUND_RGB, COLOURS, SHAPES  # noqa: E402
+from difflab.metrics.shapes import ShapesEvaluator  # noqa: E402
+
+SWAPS = [("a red circle", "a blue circle"), ("a green square", "a yellow square"),
+         ("a white triangle", "a red triangle"), ("a red circle", "a red square"),
+         ("a blue square", "a blue triangle"), ("a yellow diamond", "a yellow circle")]
+
+
+def object_mask(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    background = torch.tensor(BACKGROUND_RGB * 2 - 1).reshape(1, 3, 1, 1)
+    return (x - background).abs().amax(1) > threshold
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    inter, union = (a & b).flatten(1).sum(1), (a | b).flatten(1).sum(1)
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter, dtype=torch.float))
+
+
+def readings(evaluator, x):
+    z = evaluator.logits(x)
+    return z["colour"].argmax(1), z["shape"].argmax(1), z["count"].argmax(1)
+
+
+def measure(evaluator, sources, edits, swap, threshold) -> dict:
+    (source, target) = swap
+    (sc, ss, sn), (ec, es, en) = readings(evaluator, sources), readings(evaluator, edits)
+    colour_swap = source.split()[-1] == target.split()[-1]
+    wanted = target.split()[1] if colour_swap else target.split()[2]
+    changed = (ec == COLOURS.index(wanted)) if colour_swap else (es == SHAPES.index(wanted))
+    kept = ((es == ss) if colour_swap else (ec == sc)) & (en == sn)
+    overlap = iou(object_mask(sources, threshold), object_mask(edits, threshold))
+    mean = (lambda t: round(float(t.float().mean()), 3))
+    return {"changed": mean(changed), "kept": mean(kept), "mask IoU": mean(overlap),
+            "IoU>=0.8": mean(overlap >= 0.8)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="runs/shapes-text")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=None, help="default: the run's eval.guidance")
+    p.add_argument("--cross-steps", type=float, default=0.8)
+    p.add_argument("--self-steps", type=float, default=0.4)
+    p.add_argument("--blend-threshold", type=float, default=0.3)
+    p.add_argument("--mask-threshold", type=float, default=0.25)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = difflab.load(args.run, device="cpu")
+    evaluator = ShapesEvaluator(pipe.cfg.data.image_size)
+    kw = dict(sampler=args.sampler, steps=args.steps, seed=0, progress=False, batch_size=100,
+              **({} if args.guidance is None else {"guidance": args.guidance}))
+    edit = dict(cross_steps=args.cross_steps, self_steps=args.self_steps)
+    rows = []
+    for swap in SWAPS:
+        shape_word = swap[1].split()[-1]
+        methods = {"baseline: same seed": None, "prompt-to-prompt": {},
+                   "p2p + local blend": {"blend": (swap[0].split()[-1], shape_word),
+                                         "blend_threshold": args.blend_threshold}}
+        sources = pipe(swap[0], n=args.n, **kw)
+        for method, extra in methods.items():
+            t0 = time.time()
+            if extra is None:
+                edits = pipe(swap[1], n=args.n, **kw)
+            else:
+                again, edits = pipe.edit(*swap, n=args.n, **edit, **extra, **kw)
+                assert torch.allclose(again, sources, atol=1e-3), "the sources are not the plain samples"
+            rows.append({"swap": f"{swap[0]} -> {swap[1]}", "method": method,
+                         **measure(evaluator, sources, edits, swap, args.mask_threshold),
+                         "seconds": round(time.time() - t0, 1)})
+            print(rows[-1], flush=True)
+    columns = ["swap", "method", "changed", "kept", "mask IoU", "IoU>=0.8", "seconds"]
+    summary = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        summary.append({"swap": "all six (mean)", "method": method,
+                        **{k: round(sum(r[k] for r in mine) / len(mine), 3) for k in columns[2:]}})
+    print(table(rows + summary, columns))
+    print(f"wrote {write_results(__file__, {'settings': vars(args), 'rows': rows, 'summary': summary})}")
+
+
+if __name__ == "__main__":
+    main()
