@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--blend-threshold", type=float, default=0.3)
     p.add_argument("--mask-threshold", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="results name (default: prompt2prompt)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = difflab.load(args.run, device="cpu")
@@ -109,7 +110,7 @@ def main() -> None:
         summary.append({"swap": "all six (mean)", "method": method,
                         **{k: round(sum(r[k] for r in mine) / len(mine), 3) for k in columns[2:]}})
     print(table(rows + summary, columns))
-    print(f"wrote {write_results(__file__, {'settings': vars(args), 'rows': rows, 'summary': summary})}")
+    print(f"wrote {write_results(__file__, {'settings': vars(args), 'rows': rows, 'summary': summary}, args.out)}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ seed 0) from an unconditional digits model (``data.conditional=false``), from th
 class-conditional digits model at classifier-free guidance ``--guidance`` and from the shapes
 text model (single-object prompts cycling over every colour-shape pair, at its ``eval.guidance``)
 are scored by the independent classifiers: the Fréchet distance of their features against
-held-out real images, and the class accuracy (digits) or colour-and-shape alignment (shapes).
+held-out real images (for shapes, single-object renders, as the prompts ask), and the class
+accuracy (digits) or colour-and-shape alignment (shapes).
 
 Why the mask does (not) help, per row: ``coverage`` is the mean share of the image the SAG mask
 covers (the middle block's self-attention, thresholded at the uniform share), over all steps;
@@ -61,7 +62,7 @@ def foreground(x: torch.Tensor, shapes_world: bool) -> torch.Tensor:
 def conditions(pipe, n, guidance):
     """(cond, null, guidance, scorer(images) -> (frechet, alignment))."""
     if pipe.is_text:
-        evaluator = ShapesEvaluator(pipe.cfg.data.image_size)
+        evaluator = ShapesEvaluator(pipe.cfg.data.image_size, min_objects=1, max_objects=1)  # as the prompts
         prompts, colours, shapes = single_object_prompts(n)
         cond, null = pipe.conds(n, prompt=prompts)
         return cond, null, pipe.cfg.eval.guidance, lambda x: (

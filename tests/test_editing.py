@@ -312,13 +312,24 @@ def test_a_windowed_denoiser_is_the_mean_of_its_windows():
     assert torch.equal(same, position_mean(x, None))
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("method", editing.OUTPAINT_METHODS)
-def test_outpainting_keeps_the_image_and_fills_the_canvas(pipe, method):
+def test_outpainting_keeps_the_image_and_fills_the_canvas(pipe, method, sampler):
     x = _image(2)
-    out = pipe.outpaint(x, size=(8, 16), offset=(0, 4), method=method, labels=[1, 2], steps=4, progress=False)
+    out = pipe.outpaint(x, size=(8, 16), offset=(0, 4), method=method, labels=[1, 2], steps=4, sampler=sampler,
+                        progress=False)
     assert out.shape == (2, 1, 8, 16) and torch.isfinite(out).all()
     assert torch.equal(out[..., 4:12], x) and not torch.equal(out[..., :4], -torch.ones_like(out[..., :4]))
     with pytest.raises(ValueError, match=r"an 8x8 image at offset \(0, 12\) does not fit a 8x16 canvas"):
         pipe.outpaint(x, size=(8, 16), offset=(0, 12))
     with pytest.raises(ValueError, match="unknown outpainting method 'tile'"):
         pipe.outpaint(x, size=(8, 16), method="tile")
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_self_attention_guidance_runs_with_every_sampler_and_scale_zero_is_plain(pipe, sampler):
+    kw = dict(n=2, labels=[1, 2], steps=4, guidance=2, sampler=sampler, seed=0, progress=False)
+    plain = pipe(**kw)
+    assert torch.equal(pipe(**kw, sag_scale=0.0), plain)
+    guided = pipe(**kw, sag_scale=0.75)
+    assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
