@@ -1,5 +1,5 @@
-"""``difflab train | train-vae | memory | sample | eval | fid-stats | samplers``. The only module that
-parses arguments."""
+"""``difflab train | train-vae | memory | sample | inpaint | outpaint | img2img | invert | edit | eval |
+fid-stats | samplers``. The only module that parses arguments."""
 from __future__ import annotations
 
 import argparse

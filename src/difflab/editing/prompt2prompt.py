@@ -26,6 +26,11 @@ states, ``x_t <- x_s + m (x_t - x_s)``; here the denoised estimates are blended,
 space is the same for deterministic samplers once the pair agree outside the mask, works with
 every sampler, and makes the last step (x = x0_hat) equal the source exactly outside the mask.
 As in the paper's code, only the conditional half of a guided batch is edited.
+
+Attention control keeps the layout only where attention decides it: a U-Net whose attention
+stops above the objects' scale (the default shapes model: 8x8 and 4x4 at 16x16) keeps the
+attributes but lets the object move; with attention at 16x16 too the object mask is kept
+(benchmarks/prompt2prompt.py).
 """
 from __future__ import annotations
 
@@ -257,7 +262,8 @@ class PromptToPrompt(Edit):
     """Sample (source, target) pairs: rows 2k and 2k + 1 share sample k's seed (so the source is
     what plain sampling of the source prompt gives for sample k), optionally from given start
     states (an inversion, one per pair), the target edited by a ``PromptToPromptDenoiser``.
-    ``nulls`` (per grid step, one row per pair) are null-text inversion's null conditions."""
+    ``guided(model, rows)``, if given, builds the denoiser to edit from the unguided one (guidance
+    with null-text inversion's per-step null conditions)."""
 
     def __init__(self, unet, edit: PromptEdit, tokens: TokenMap, start: Tensor | None = None, guided=None):
         self.unet, self.edit, self.tokens, self.start_states = unet, edit, tokens, start
