@@ -65,6 +65,8 @@ def test_encoders_locate_the_tokens_of_each_word():
     words = encoder.word_positions("a turquoise dodecahedron")
     assert [w for w, _ in words] == ["a", "turquoise", "dodecahedron"] and words[0][1] == [1]
     assert words[1][1][0] == 2 and words[2][1][0] == words[1][1][-1] + 1  # multi-token words, in order
+    cut = encoder.word_positions(" ".join(["red circle"] * 20))  # 40 words past the 32-token limit
+    assert len(cut) == 40 and cut[29][1] == [30] and cut[30][1] == []  # [CLS] + 30 words + [SEP]
     tokens = TokenEncoder(["a", "red", "circle"], dim=8, layers=1, heads=1, max_length=3)
     assert tokens.word_positions("A red circle") == [("a", [1]), ("red", [2]), ("circle", [])]  # cut at 3
 

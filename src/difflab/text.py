@@ -219,7 +219,7 @@ class _FrozenHFEncoder:
         ids = self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"]
         pieces = [self.tokenizer(w, add_special_tokens=False)["input_ids"] for w in caption.split()]
         flat = [i for p in pieces for i in p]
-        if ids[1:1 + len(flat)] != flat[:len(ids) - 2]:
+        if ids[1:-1] != flat[:len(ids) - 2]:  # the start and end tokens around the words' (cut) tokens
             raise ValueError(f"{self.name}: the tokens of {caption!r} are not its words' tokens in order; "
                              "word-level edits cannot locate its words")
         return _spans(caption.split(), [len(p) for p in pieces], len(ids) - 1)
