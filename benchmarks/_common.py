@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: machine description, a table printer, JSON output."""
+"""Shared by the benchmark scripts: machine description, a table printer, JSON output, the shapes object mask."""
 from __future__ import annotations
 
 import datetime
@@ -9,7 +9,17 @@ from pathlib import Path
 
 import torch
 
+from difflab.data.shapes import BACKGROUND_RGB
+
 RESULTS = Path(__file__).resolve().parent / "results"
+OBJECT_THRESHOLD = 0.25  # |image - background| in [-1, 1] units beyond which a shapes pixel is an object's
+
+
+def object_mask(images: torch.Tensor, threshold: float = OBJECT_THRESHOLD) -> torch.Tensor:
+    """(N, H, W) bool: the pixels of shapes renders more than ``threshold`` from the background colour
+    in some channel."""
+    background = torch.tensor(BACKGROUND_RGB * 2 - 1).reshape(1, 3, 1, 1)
+    return (images - background).abs().amax(1) > threshold
 
 
 def machine() -> dict:

@@ -28,21 +28,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import OBJECT_THRESHOLD, object_mask, table, write_results  # noqa: E402
 
 import difflab  # noqa: E402
-from difflab.data.shapes import BACKGROUND_RGB, COLOURS, SHAPES, Scene, ShapesWorld, render  # noqa: E402
+from difflab.data.shapes import COLOURS, SHAPES, Scene, ShapesWorld, render  # noqa: E402
 from difflab.metrics.shapes import ShapesEvaluator  # noqa: E402
 
 PROMPT2PROMPT_WORLD = 5  # renders for the shape-swap ceiling
 SWAPS = [("a red circle", "a blue circle"), ("a green square", "a yellow square"),
          ("a white triangle", "a red triangle"), ("a red circle", "a red square"),
          ("a blue square", "a blue triangle"), ("a yellow diamond", "a yellow circle")]
-
-
-def object_mask(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    background = torch.tensor(BACKGROUND_RGB * 2 - 1).reshape(1, 3, 1, 1)
-    return (x - background).abs().amax(1) > threshold
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,7 +84,7 @@ def main() -> None:
     p.add_argument("--cross-steps", type=float, default=0.8)
     p.add_argument("--self-steps", type=float, default=0.4)
     p.add_argument("--blend-threshold", type=float, default=0.3)
-    p.add_argument("--mask-threshold", type=float, default=0.25)
+    p.add_argument("--mask-threshold", type=float, default=OBJECT_THRESHOLD)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="results name (default: prompt2prompt)")
     args = p.parse_args()

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import object_mask, table, write_results  # noqa: E402
 
 import difflab  # noqa: E402
-from difflab.data.shapes import BACKGROUND_RGB, single_object_prompts  # noqa: E402
+from difflab.data.shapes import single_object_prompts  # noqa: E402
 from difflab.generate import SamplingSettings, generate  # noqa: E402
 from difflab.guidance import SelfAttentionGuidance  # noqa: E402
 from difflab.metrics.digits import DigitsEvaluator  # noqa: E402
@@ -55,8 +55,7 @@ class MaskRecorder:
 def foreground(x: torch.Tensor, shapes_world: bool) -> torch.Tensor:
     if not shapes_world:
         return x[:, :1] > 0
-    background = torch.tensor(BACKGROUND_RGB * 2 - 1).reshape(1, 3, 1, 1)
-    return ((x - background).abs().amax(1, keepdim=True) > 0.25)
+    return object_mask(x)[:, None]
 
 
 def conditions(pipe, n, guidance):

@@ -156,11 +156,11 @@ class StepNullGuidance(DenoiserWrapper):
         if len(nulls) != len(sigmas) - 1:
             raise ValueError(f"null-text inversion gave {len(nulls)} null conditions for a grid of "
                              f"{len(sigmas) - 1} steps: sample with the steps and grid it was inverted on")
-        self.scale, self.nulls, self.sigmas, self.rescale = scale, nulls, sigmas, rescale
+        self.sigmas = sigmas
+        self.steps = [ClassifierFreeGuidance(denoiser, scale, null, rescale) for null in nulls]
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
-        step = min(grid_step(self.sigmas, sigma), len(self.nulls) - 1)
-        return ClassifierFreeGuidance(self.denoiser, self.scale, self.nulls[step], self.rescale)(x, sigma, cond)
+        return self.steps[min(grid_step(self.sigmas, sigma), len(self.steps) - 1)](x, sigma, cond)
 
 
 class NullTextReconstruction(FromState):
