@@ -32,17 +32,13 @@ from _common import OBJECT_THRESHOLD, object_mask, table, write_results  # noqa:
 
 import difflab  # noqa: E402
 from difflab.data.shapes import COLOURS, SHAPES, Scene, ShapesWorld, render  # noqa: E402
+from difflab.metrics.layout import mask_iou  # noqa: E402
 from difflab.metrics.shapes import ShapesEvaluator  # noqa: E402
 
 PROMPT2PROMPT_WORLD = 5  # renders for the shape-swap ceiling
 SWAPS = [("a red circle", "a blue circle"), ("a green square", "a yellow square"),
          ("a white triangle", "a red triangle"), ("a red circle", "a red square"),
          ("a blue square", "a blue triangle"), ("a yellow diamond", "a yellow circle")]
-
-
-def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    inter, union = (a & b).flatten(1).sum(1), (a | b).flatten(1).sum(1)
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter, dtype=torch.float))
 
 
 def shape_ceiling(source: str, target: str, n: int, size: int, threshold: float) -> dict:
@@ -52,7 +48,7 @@ def shape_ceiling(source: str, target: str, n: int, size: int, threshold: float)
     as_image = (lambda o: torch.as_tensor(render(Scene((o,)), size)["image"]))
     a = torch.stack([as_image(o) for o in objects])
     b = torch.stack([as_image(dataclasses.replace(o, shape=target)) for o in objects])
-    overlap = iou(object_mask(a, threshold), object_mask(b, threshold))
+    overlap = mask_iou(object_mask(a, threshold), object_mask(b, threshold))
     return {"mask IoU": round(float(overlap.mean()), 3), "IoU>=0.8": round(float((overlap >= 0.8).float().mean()), 3)}
 
 
@@ -68,7 +64,7 @@ def measure(evaluator, sources, edits, swap, threshold) -> dict:
     wanted = target.split()[1] if colour_swap else target.split()[2]
     changed = (ec == COLOURS.index(wanted)) if colour_swap else (es == SHAPES.index(wanted))
     kept = ((es == ss) if colour_swap else (ec == sc)) & (en == sn)
-    overlap = iou(object_mask(sources, threshold), object_mask(edits, threshold))
+    overlap = mask_iou(object_mask(sources, threshold), object_mask(edits, threshold))
     mean = (lambda t: round(float(t.float().mean()), 3))
     return {"changed": mean(changed), "kept": mean(kept), "mask IoU": mean(overlap),
             "IoU>=0.8": mean(overlap >= 0.8)}

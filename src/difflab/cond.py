@@ -2,8 +2,9 @@
 
 A ``Cond`` holds optional, batch-first tensors: class labels; text context
 (per-token embeddings, their mask and a pooled vector); images concatenated to
-the network input (an inpainting model's masked image and mask); control residuals later. Samplers and guidance treat it as an opaque batch:
-they only concatenate, index and expand it.
+the network input (an inpainting model's masked image and mask); a ControlNet's hint image and the
+residuals it computes from it; an IP-Adapter's image embedding. Samplers and guidance treat it as
+an opaque batch: they only concatenate, index and expand it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ class Cond:
     context_mask: Tensor | None = None  # (B, L) bool, True = a real token (padding is never attended)
     pooled: Tensor | None = None        # (B, P) pooled text embedding, added to the noise embedding
     image: Tensor | None = None         # (B, C', *S) concatenated to the network input (inpainting: masked image, mask)
+    control: Tensor | None = None       # (B, C_hint, H, W) a ControlNet's hint (edges, depth) at image resolution
+    residuals: tuple[Tensor, ...] | None = None  # a ControlNet's additions to the U-Net's skips, then its middle
+    image_prompt: Tensor | None = None  # (B, E) an IP-Adapter's image embeddings (zeros: no image)
 
     @classmethod
     def from_text(cls, embedding) -> "Cond":
@@ -30,7 +34,7 @@ class Cond:
         return cls(context=embedding.tokens, context_mask=embedding.mask, pooled=embedding.pooled)
 
     def _map(self, fn) -> "Cond":
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+        return replace(self, **{f.name: _each(fn, getattr(self, f.name)) for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
     def cat(self, other: "Cond") -> "Cond":
@@ -49,7 +53,8 @@ class Cond:
 
     def __len__(self) -> int:
         """The batch size (0 for an empty Cond)."""
-        return next((len(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None), 0)
+        first = next((getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None), None)
+        return 0 if first is None else len(first[0] if isinstance(first, tuple) else first)
 
     def expand(self, batch: int) -> "Cond":
         """Repeat a batch-1 Cond to ``batch`` rows (e.g. a null condition); a ``batch``-row one is kept."""
@@ -75,8 +80,15 @@ class Cond:
         return self._map(lambda t: t.to(device))
 
 
-def _cat(name: str, a: Tensor, b: Tensor) -> Tensor:
+def _each(fn, value):
+    """``fn`` of a tensor field, or of each tensor of a tuple field (the residuals)."""
+    return tuple(fn(t) for t in value) if isinstance(value, tuple) else fn(value)
+
+
+def _cat(name: str, a, b):
     """Concatenate along the batch; token sequences of different lengths are zero/False-padded first."""
+    if isinstance(a, tuple):
+        return tuple(torch.cat([x, y]) for x, y in zip(a, b, strict=True))
     if name in SEQUENCE_FIELDS and a.shape[1] != b.shape[1]:
         length = max(a.shape[1], b.shape[1])
         a, b = (torch.cat([t, t.new_zeros(len(t), length - t.shape[1], *t.shape[2:])], 1) for t in (a, b))

@@ -123,6 +123,25 @@ class EvalConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """An adapter trained on a frozen base run (``difflab train`` with ``adapter.kind`` set): the run's
+    model, VAE, diffusion, data and eval sections are the base's; only the adapter's weights train."""
+    kind: str = choice("", "", "controlnet", "lora", "ip_adapter")
+    base: str = ""            # the base run folder (its EMA weights; refused if they change)
+    control: str = choice("edges", "edges", "depth")  # controlnet: the hint, from the shapes renderer
+    images: str = ""          # lora: a folder of the concept's images (at the base's image size)
+    caption: str = ""         # lora: the caption of every one of them
+    rank: int = 4             # lora: rank r of each B A
+    alpha: float = 0.0        # lora: the update is scaled by alpha / r (0 = alpha is r)
+    convs: bool = False       # lora: the ResBlocks' convolutions too, not only the attention projections
+    prior_images: int = 0     # lora: the base's samples of this many of its training captions join the data
+    image_encoder: str = ""   # ip_adapter: the folder of `difflab train-image-encoder`
+    tokens: int = 4           # ip_adapter: image tokens the embedding is projected to
+    image_dropout: float = 0.1  # ip_adapter: rate of training on a zero (absent) image embedding
+    colour_captions: bool = False  # ip_adapter: single objects also trained under their colour alone ("a red")
+
+
+@dataclass
 class Config:
     out: str = "runs/digits"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -131,6 +150,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,7 +209,9 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 #: keys that a run folder written before they existed may lack (they take their defaults)
-ADDED_KEYS = {"train.keep_checkpoints", "model.inpainting"}
+ADDED_KEYS = {"train.keep_checkpoints", "model.inpainting", "adapter",
+              *(f"adapter.{k}" for k in ("images", "caption", "rank", "alpha", "convs", "prior_images", "image_encoder",
+                                         "tokens", "image_dropout", "colour_captions"))}
 
 POSITIVE = ("model.channels", "model.num_res_blocks", "model.transformer_depth", "model.text_max_length",
             "model.head_dim", "model.groups", "vae.groups", "vae.num_res_blocks", "diffusion.timesteps",
@@ -261,6 +283,20 @@ def validate(cfg: Config) -> Config:
     elif m.text_encoder:
         raise ConfigError(f"model.text_encoder={m.text_encoder!r} needs captioned data (data.dataset=shapes), "
                           f"got data.dataset={d.dataset}")
+    a = cfg.adapter
+    if a.kind and not a.base:
+        raise ConfigError(f"adapter.kind={a.kind} trains on a frozen base: set adapter.base to its run folder")
+    if a.kind == "lora" and not (a.images and a.caption):
+        raise ConfigError("adapter.kind=lora fine-tunes on a folder of images with one caption: "
+                          "set adapter.images and adapter.caption")
+    if a.kind == "ip_adapter" and not a.image_encoder:
+        raise ConfigError("adapter.kind=ip_adapter reads images through an image encoder: set adapter.image_encoder "
+                          "(train one with `difflab train-image-encoder runs/shapes-clip`)")
+    if not 0 <= a.image_dropout < 1 or a.tokens < 1 or a.prior_images < 0:
+        raise ConfigError(f"adapter.image_dropout must lie in [0, 1), adapter.tokens be >= 1 and adapter.prior_images "
+                          f">= 0, got {a.image_dropout}, {a.tokens} and {a.prior_images}")
+    if a.rank < 1 or a.alpha < 0:
+        raise ConfigError(f"adapter.rank must be >= 1 and adapter.alpha >= 0, got {a.rank} and {a.alpha}")
     v = cfg.vae
     if v.latent_channels < 1 or v.channels < 1 or not v.channel_mult or any(k < 1 for k in v.channel_mult):
         raise ConfigError("vae.channels, vae.latent_channels and vae.channel_mult must be positive, "

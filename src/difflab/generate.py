@@ -30,6 +30,8 @@ class SamplingSettings:
     ``guidance_rescale`` its rescale phi (Lin et al. 2024); ``sag_scale`` self-attention guidance
     (Hong et al. 2023; 0 = off), applied beneath classifier-free guidance; ``spacing`` the sigma grid (``None`` =
     the schedule's own); ``options`` the sampler's keyword options (``eta``, ``s_churn``, ...).
+    ``control_scale`` (one number, or one per U-Net level then the middle) and ``ip_scale`` weigh a
+    ControlNet's hint and an IP-Adapter's image prompt (0 = the base model).
     """
 
     sampler: str | None = None
@@ -42,6 +44,8 @@ class SamplingSettings:
     seed: int | None = None
     batch_size: int | None = None
     sag_scale: float | None = None
+    control_scale: float | tuple[float, ...] | None = None
+    ip_scale: float | None = None
 
     def __post_init__(self):
         for name, kind in (("sampler", str), ("spacing", str), ("negative_prompt", str)):
@@ -53,9 +57,17 @@ class SamplingSettings:
                 raise TypeError(f"{name} must be an integer, got {value!r}")
             if value is not None and least is not None and value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
+        if isinstance(self.control_scale, (list, tuple)):
+            object.__setattr__(self, "control_scale", tuple(self.control_scale))
+            if not self.control_scale or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 and math.isfinite(v) for v in self.control_scale):
+                raise ValueError(f"control_scale must be a number or a list of finite numbers, got {self.control_scale!r}")
         for name, low, high in (("guidance", -math.inf, math.inf), ("guidance_rescale", 0.0, 1.0),
-                                ("sag_scale", -math.inf, math.inf)):
+                                ("sag_scale", -math.inf, math.inf), ("control_scale", -math.inf, math.inf),
+                                ("ip_scale", -math.inf, math.inf)):
             value = getattr(self, name)
+            if isinstance(value, tuple):
+                continue
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise TypeError(f"{name} must be a number, got {value!r}")
             if value is not None and not (math.isfinite(value) and low <= value <= high):
@@ -90,7 +102,7 @@ class SamplingSettings:
 
 #: what sampling uses where neither the caller nor a run's config says otherwise
 DEFAULTS = SamplingSettings(sampler="ddim", steps=50, guidance_rescale=0.0, negative_prompt="", seed=0,
-                            batch_size=256, sag_scale=0.0)
+                            batch_size=256, sag_scale=0.0, control_scale=1.0, ip_scale=1.0)
 
 
 def sample_seeds(seed: int, n: int) -> list[int]:

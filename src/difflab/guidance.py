@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .cond import Cond
 from .denoisers import DenoiserWrapper
-from .nn import AttentionHook, UNet, attention_hooks
+from .nn import AttentionHook, UNet, UNetWrapper, attention_hooks
 from .tensors import append_dims, batch_sigma, gaussian_blur
 
 
@@ -211,13 +211,17 @@ class _AttentionCapture(AttentionHook):
 
 
 def unet_of(denoiser, purpose: str = "self-attention guidance") -> UNet:
-    """The U-Net inside a denoiser and the wrappers around it (for attention hooks)."""
+    """The U-Net inside a denoiser and the wrappers around it (for attention hooks); under an
+    adapter's network (``nn.UNetWrapper``: ControlNet, IP-Adapter) the base U-Net."""
     d = denoiser
-    while not isinstance(getattr(d, "net", None), UNet):
+    while not isinstance(getattr(d, "net", None), (UNet, UNetWrapper)):
         if not hasattr(d, "denoiser"):
             raise ValueError(f"{purpose} needs a denoiser over a difflab UNet (its attention maps)")
         d = d.denoiser
-    return d.net
+    net = d.net
+    while isinstance(net, UNetWrapper):
+        net = net.unet
+    return net
 
 
 class SelfAttentionGuidance(DenoiserWrapper):

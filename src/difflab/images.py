@@ -74,6 +74,13 @@ def load_image(path, channels: int, size: int) -> torch.Tensor:
     return (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]
 
 
+def load_picture(path) -> torch.Tensor:
+    """Any image file, converted to RGB, as a (1, 3, H, W) tensor in [-1, 1] at its own size (an image
+    prompt: the image encoder resizes it)."""
+    image = _open(path, "image").convert("RGB")
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)[None] / 127.5 - 1
+
+
 def load_mask(path, size: int) -> torch.Tensor:
     """A mask file (grayscale, white = keep, black = generate) as a (1, 1, size, size) tensor of 0/1."""
     image = _open(path, "mask")

@@ -11,11 +11,16 @@ from pathlib import Path
 import torch
 
 from . import editing, runs
+from .adapters import lora
+from .adapters.control import base_identity, build_controlnet, check_base, with_control
+from .adapters.image_encoder import IMAGE_ENCODER_RECORD, check_encoder, embed_images, encoder_identity
 from .conditioning import ClassConditioner, TextConditioner, conditioner_for
 from .config import Config
 from .devices import resolve_device
 from .generate import DEFAULTS, SamplingSettings, generate
 from .latents import check_vae, decode_latents, encode_images, load_vae, vae_identity
+from .metrics.shapes_clip import image_scorer
+from .nn import ControlledUNet, IPAdaptedUNet, IPAdapter
 from .train.build import build_denoiser, build_unet, data_shape
 
 GUIDANCE_FIELDS = ("guidance", "guidance_rescale", "negative_prompt")
@@ -23,13 +28,17 @@ GUIDANCE_FIELDS = ("guidance", "guidance_rescale", "negative_prompt")
 
 class Pipeline:
     """A trained denoiser (EMA weights by default) with its config and conditioner, and for a latent
-    model the VAE whose latents it generates (decoded, scaling undone, before they are returned)."""
+    model the VAE whose latents it generates (decoded, scaling undone, before they are returned).
+    An adapter run's pipeline also holds its adapter: ``controlnet`` (what ``control=`` hints steer
+    the model with), or ``ip_adapter`` and ``image_encoder`` (what ``image_prompt=`` images go
+    through); a LoRA run's U-Net holds its LoRA layers."""
 
-    def __init__(self, cfg: Config, denoiser, conditioner=None, run: Path | None = None, vae=None):
+    def __init__(self, cfg: Config, denoiser, conditioner=None, run: Path | None = None, vae=None, controlnet=None):
         if isinstance(conditioner, int):  # the earlier signature took num_classes
             conditioner = ClassConditioner(conditioner)
         self.cfg, self.denoiser, self.conditioner, self.run = cfg, denoiser.eval(), conditioner, run
-        self.vae = vae
+        self.vae, self.controlnet = vae, controlnet
+        self.ip_adapter = self.image_encoder = None  # an IP-Adapter run's adapter and its image encoder
         if (vae is None) != (not cfg.model.vae):
             raise ValueError(f"model.vae={cfg.model.vae!r}: a latent model needs its VAE and a pixel model none")
 
@@ -92,7 +101,8 @@ class Pipeline:
         return None, None
 
     def __call__(self, prompt=None, n: int = 64, labels=None, settings: SamplingSettings | None = None, *,
-                 guide=None, first_index: int = 0, progress: bool = True, edit=None, **overrides) -> torch.Tensor:
+                 guide=None, first_index: int = 0, progress: bool = True, edit=None, control=None,
+                 image_prompt=None, **overrides) -> torch.Tensor:
         """``n`` images in [-1, 1], (n, C, H, W).
 
         Text models take ``prompt`` (one string or n); class models cycle through the classes unless
@@ -102,8 +112,13 @@ class Pipeline:
         ``eval`` config. ``guide``, a function of the denoiser returning a guided one
         (``SafeGuidance``, ``ClassifierGuidance``, ...), replaces classifier-free guidance: it then
         takes no guidance settings. ``edit`` (a ``generate.Edit``: inpainting, image-to-image, ...,
-        see ``difflab.editing``) changes how each batch is sampled."""
-        model, cond, null, s = self.sampling_parts(prompt, n, labels, settings, guide=guide, **overrides)
+        see ``difflab.editing``) changes how each batch is sampled. ``control`` (a ControlNet run's
+        hint: (C, H, W) for all samples or (n, C, H, W), in [0, 1] at image resolution) steers the
+        model through its ControlNet at the setting ``control_scale`` (one number, or one per level
+        and then the middle). ``image_prompt`` (an IP-Adapter run's: RGB images in [-1, 1], one for
+        all samples or n) prompts the model with images at ``ip_scale``, beside the text prompt."""
+        model, cond, null, s = self.sampling_parts(prompt, n, labels, settings, guide=guide, control=control,
+                                                   image_prompt=image_prompt, **overrides)
         x = generate(model, self.latent_shape, n, s, cond=cond, null_cond=null, first_index=first_index,
                      progress=progress, edit=edit)
         return self.decode(x, s.batch_size).clamp(-1, 1)
@@ -137,7 +152,7 @@ class Pipeline:
         return editing.edit_prompt(self, source, target, **options)
 
     def sampling_parts(self, prompt=None, n: int = 64, labels=None, settings: SamplingSettings | None = None, *,
-                       guide=None, **overrides):
+                       guide=None, control=None, image_prompt=None, **overrides):
         """(denoiser, cond, null_cond, settings) that ``__call__`` hands to ``generate``."""
         if not (prompt is None or isinstance(prompt, (str, list, tuple))):
             raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r} (pass the count as n=...)")
@@ -147,10 +162,51 @@ class Pipeline:
         s = self.settings(asked)
         cond, null = self.conds(n, labels, prompt, "" if guide is not None else s.negative_prompt)
         model = self.denoiser
+        if image_prompt is not None:
+            model, cond, null = self.image_prompted(cond, null, image_prompt, s.ip_scale, n)
+        if control is not None:
+            model, cond, null = self.controlled(model, cond, null, control, s.control_scale, n)
         if guide is not None or null is None:
-            model, null = (guide(self.denoiser) if guide is not None else model), None
+            model, null = (guide(model) if guide is not None else model), None
             s = replace(s, guidance=None, guidance_rescale=None)
         return model, cond, null, s
+
+    def load_lora(self, path, scale: float = 1.0) -> "Pipeline":
+        """Add the LoRA of ``path`` (``difflab finetune ... --lora``) to this model at ``scale``;
+        refused unless it was trained on this model's weights. Returns the pipeline."""
+        lora.load_lora(self.denoiser.net, path, scale, where=self.run)
+        self.denoiser.net.requires_grad_(False)
+        return self
+
+    def set_lora_scale(self, scale: float) -> None:
+        """0 = the base model, 1 = the LoRA as trained."""
+        lora.set_lora_scale(self.denoiser.net, scale)
+
+    def controlled(self, model, cond, null, control, scale, n: int):
+        """(denoiser, cond, null) under the ControlNet: ``model``'s U-Net with its residuals added."""
+        if self.controlnet is None:
+            raise ValueError("this model has no ControlNet, so it takes no control image: load the run of a "
+                             "ControlNet trained on it (difflab.load('runs/...-control-edges'))")
+        device = self.controlnet.hint.out.weight.device
+        model = build_denoiser(self.cfg, ControlledUNet(model.net, self.controlnet, scale)).to(device)
+        return (model, *with_control(cond, null, control, n, device))
+
+    def image_prompted(self, cond, null, images, scale: float, n: int):
+        """(denoiser, cond, null) under the IP-Adapter: the images' embeddings in ``cond``, zeros (no
+        image) in the null condition, so guidance pushes towards text and image together."""
+        if self.ip_adapter is None:
+            raise ValueError("this model has no IP-Adapter, so it takes no image prompt: load the run of an "
+                             "IP-Adapter trained on it (difflab.load('runs/...-ip-adapter'))")
+        embeds = embed_images(self.image_encoder, images)
+        if len(embeds) not in (1, n):
+            raise ValueError(f"pass one image prompt for all {n} samples or one per sample, got {len(embeds)}")
+        device = self.ip_adapter.proj.weight.device
+        embeds = embeds.expand(n, -1).to(device)
+        model = build_denoiser(self.cfg, IPAdaptedUNet(self.denoiser.net, self.ip_adapter, scale)).to(device)
+        cond = replace(cond, image_prompt=embeds)
+        if null is not None:
+            null = replace(null.expand(n) if len(null) == 1 else null, image_prompt=torch.zeros_like(embeds))
+        return model, cond, null
 
 
 def _integer_labels(labels) -> torch.Tensor:
@@ -172,6 +228,8 @@ def load(run, weights: str = "ema", device: str = "auto", verify: bool = True) -
     if verify:
         runs.verify_checkpoint(runs.published(run), [path.name])
     cfg = runs.read_config(run)
+    if cfg.adapter.kind:
+        return _with_adapter(run, cfg, path, device, verify)
     shapes = runs.weights_shapes(path)
     num_classes = shapes["label_emb.weight"][0] - 1 if "label_emb.weight" in shapes else None
     conditioner = conditioner_for(cfg, num_classes=num_classes, progress=False)
@@ -186,3 +244,31 @@ def load(run, weights: str = "ema", device: str = "auto", verify: bool = True) -
     net = build_unet(cfg, conditioner)
     runs.load_weights(path, net)
     return Pipeline(cfg, build_denoiser(cfg, net).to(device), conditioner, run, vae)
+
+
+def _with_adapter(run: Path, cfg: Config, path: Path, device: str, verify: bool) -> Pipeline:
+    """The base run's pipeline (its EMA weights, checked against the adapter's record) with the
+    adapter run's weights at ``path`` attached."""
+    pipe = load(cfg.adapter.base, "ema", device, verify)
+    recorded = runs.read_record(run, runs.BASE_RECORD)
+    if recorded is None:
+        raise runs.RunFileError(run / runs.BASE_RECORD, "missing: the adapter run does not say which base it was "
+                                "trained on", "train the adapter again")
+    unet, a = pipe.denoiser.net, cfg.adapter
+    check_base(recorded, base_identity(unet, a.base), run)
+    device = next(unet.parameters()).device
+    if a.kind == "lora":  # the run's checkpoint: the base with its LoRA layers
+        runs.load_weights(path, lora.add_lora(unet, a.rank, a.alpha or None, a.convs))
+        unet.requires_grad_(False)
+    elif a.kind == "ip_adapter":
+        encoder = image_scorer(a.image_encoder)
+        check_encoder(runs.read_record(run, IMAGE_ENCODER_RECORD), encoder_identity(encoder, a.image_encoder), run)
+        adapter = IPAdapter(unet, encoder.embed_dim, a.tokens)
+        runs.load_weights(path, adapter)
+        pipe.ip_adapter, pipe.image_encoder = adapter.to(device).eval().requires_grad_(False), encoder
+    else:
+        controlnet = build_controlnet(unet, cfg.data.image_size, pipe.latent_shape[-1])
+        runs.load_weights(path, controlnet)
+        pipe.controlnet = controlnet.to(device).eval().requires_grad_(False)
+    pipe.run, pipe.cfg = run, cfg  # the adapter run's config: the base's sections and its adapter
+    return pipe

@@ -54,6 +54,7 @@ TRAINING_LOG = "metrics.jsonl"
 METRICS = "metrics.json"
 TEXT_ENCODER_RECORD = "text_encoder.json"  # which frozen encoder (and weights) a text model was trained against
 VAE_RECORD = "vae.json"                    # which VAE a latent model works in
+BASE_RECORD = "base.json"                  # which base model (and weights) an adapter was trained on
 LATENT_CACHE = "latents.safetensors"
 EVAL_DIR = "eval"
 WEIGHTS = ("ema", "model")

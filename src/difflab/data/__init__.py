@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .shapes import ShapesWorld
+from .shapes import ShapesData, ShapesWorld
 
 
 @dataclass
@@ -91,12 +91,18 @@ SHAPES_HELDOUT_START = 10_000_000  # held-out shapes scenes are indices from her
 
 def load_shapes_data(data_cfg, split: str = "train", n: int | None = None) -> ImageData:
     """Captioned renders of the procedural shapes world (``difflab.data.shapes``)."""
+    scenes = load_shapes_scenes(data_cfg, split, n)
+    return ImageData(scenes.images, None, None, captions=scenes.captions)
+
+
+def load_shapes_scenes(data_cfg, split: str = "train", n: int | None = None, maps: bool = False) -> ShapesData:
+    """The scenes of ``load_shapes_data`` with their attributes, and their masks, edge and depth
+    maps when ``maps`` (what adapters train on and benchmarks score against)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"shapes split must be train or heldout, got {split!r}")
     world = ShapesWorld(data_cfg.image_size, data_cfg.min_objects, data_cfg.max_objects, data_cfg.world_seed)
     start = 0 if split == "train" else SHAPES_HELDOUT_START
-    scenes = world.load(n or data_cfg.scenes, start=start)
-    return ImageData(scenes.images, None, None, captions=scenes.captions)
+    return world.load(n or data_cfg.scenes, start=start, maps=maps)
 
 
 def load_data(data_cfg, split: str = "train") -> ImageData:

@@ -32,6 +32,9 @@ from torch import Tensor
 RENDERER_VERSION = 1
 
 SHAPES = ("circle", "square", "triangle", "diamond")
+#: shapes the default world never draws: new concepts for fine-tuning (a LoRA learns "star" from a few renders)
+NEW_SHAPES = ("star",)
+ALL_SHAPES = SHAPES + NEW_SHAPES
 #: RGB in [0, 1]; pairwise distances >= 0.8 so colours stay apart after anti-aliasing and noise
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
 COLOUR_RGB = np.array([
@@ -64,13 +67,17 @@ PLACEMENT_TRIES = 100
 
 # Outline of each shape relative to its equal-area radius r:
 #   square: half-side r sqrt(pi)/2; diamond: half-diagonal r sqrt(pi/2);
-#   triangle (equilateral, apex up, centred on its centroid): circumradius r sqrt(4 pi / (3 sqrt 3)).
+#   triangle (equilateral, apex up, centred on its centroid): circumradius r sqrt(4 pi / (3 sqrt 3));
+#   star (five points, apex up, inner radius half the outer R): area 5 R (R / 2) sin(pi / 5) = pi r^2.
 _SQUARE = np.sqrt(np.pi) / 2
 _DIAMOND = np.sqrt(np.pi / 2)
 _TRIANGLE = np.sqrt(4 * np.pi / (3 * np.sqrt(3)))
+_STAR_INNER = 0.5
+_STAR = np.sqrt(np.pi / (5 * _STAR_INNER * np.sin(np.pi / 5)))
 #: extent of each shape from its centre as multiples of r: (half-width, above, below)
 _EXTENT = {"circle": (1.0, 1.0, 1.0), "square": (_SQUARE,) * 3, "diamond": (_DIAMOND,) * 3,
-           "triangle": (_TRIANGLE * np.sqrt(3) / 2, _TRIANGLE, _TRIANGLE / 2)}
+           "triangle": (_TRIANGLE * np.sqrt(3) / 2, _TRIANGLE, _TRIANGLE / 2),
+           "star": (_STAR * np.cos(np.pi / 10), _STAR, _STAR * np.cos(np.pi / 5))}
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,7 @@ class ShapeObject:
     z: int
 
     def __post_init__(self):
-        for value, vocab in ((self.shape, SHAPES), (self.colour, COLOURS), (self.size, SIZES)):
+        for value, vocab in ((self.shape, ALL_SHAPES), (self.colour, COLOURS), (self.size, SIZES)):
             if value not in vocab:
                 raise ValueError(f"expected one of {vocab}, got {value!r}")
 
@@ -124,9 +131,9 @@ def _check_size(size: int) -> None:
         raise ValueError(f"image size must be an integer >= {MIN_IMAGE_SIZE}, got {size!r}")
 
 
-def _draw_object(rng: np.random.Generator, colour: str, z: int) -> ShapeObject:
+def _draw_object(rng: np.random.Generator, colour: str, z: int, shapes: tuple[str, ...] = SHAPES) -> ShapeObject:
     """Uniform shape and size; centre uniform over the positions keeping the shape inside the image."""
-    shape, size = SHAPES[rng.integers(len(SHAPES))], SIZES[rng.integers(len(SIZES))]
+    shape, size = shapes[rng.integers(len(shapes))], SIZES[rng.integers(len(SIZES))]
     r = SIZE_RADIUS[SIZES.index(size)]
     half, above, below = (r * e for e in _EXTENT[shape])
     x, y = rng.uniform(half, 1 - half), rng.uniform(above, 1 - below)
@@ -137,8 +144,9 @@ def _separated(obj: ShapeObject, others) -> bool:
     return all(np.hypot(obj.x - o.x, obj.y - o.y) >= MIN_SEPARATION * (obj.radius + o.radius) for o in others)
 
 
-def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3) -> Scene:
-    """A scene of ``min_objects..max_objects`` (uniform) objects with distinct colours.
+def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3,
+                 shapes: tuple[str, ...] = SHAPES) -> Scene:
+    """A scene of ``min_objects..max_objects`` (uniform) objects of ``shapes`` with distinct colours.
 
     Objects are placed by rejection sampling against ``MIN_SEPARATION``; a crowded scene (e.g.
     three large triangles cannot fit) is redrawn, so multi-object scenes lean towards small objects.
@@ -150,7 +158,7 @@ def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: in
         objects: list[ShapeObject] = []
         for z, colour in enumerate(colours):
             for _ in range(PLACEMENT_TRIES):
-                obj = _draw_object(rng, colour, z)
+                obj = _draw_object(rng, colour, z, shapes)
                 if _separated(obj, objects):
                     objects.append(obj)
                     break
@@ -169,8 +177,8 @@ def prompt(colour: str, shape: str) -> str:
     """The canonical short prompt ``"a {colour} {shape}"`` (the commonest single-object caption)."""
     if colour not in COLOURS:
         raise ValueError(f"colour must be one of {COLOURS}, got {colour!r}")
-    if shape not in SHAPES:
-        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    if shape not in ALL_SHAPES:
+        raise ValueError(f"shape must be one of {ALL_SHAPES}, got {shape!r}")
     return _a(f"{colour} {shape}")
 
 
@@ -232,7 +240,27 @@ def _inside(obj: ShapeObject, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     if obj.shape == "triangle":  # base below the centroid at R/2, slanted edges sqrt(3)|dx| - dy = R
         big_r = r * _TRIANGLE
         return (dy <= big_r / 2) & (np.sqrt(3) * np.abs(dx) - dy <= big_r)
-    raise ValueError(f"shape must be one of {SHAPES}, got {obj.shape!r}")
+    if obj.shape == "star":
+        return _inside_polygon(_star_outline(r * _STAR), dx, dy)
+    raise ValueError(f"shape must be one of {ALL_SHAPES}, got {obj.shape!r}")
+
+
+def _star_outline(outer: float) -> np.ndarray:
+    """(10, 2) vertices of a five-pointed star about the origin, apex up (y grows downwards)."""
+    k = np.arange(10)
+    angle, radius = -np.pi / 2 + k * np.pi / 5, np.where(k % 2, outer * _STAR_INNER, outer)
+    return np.stack([radius * np.cos(angle), radius * np.sin(angle)], 1)
+
+
+def _inside_polygon(vertices: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Even-odd rule: a point is inside when a ray to its right crosses the outline an odd number of times."""
+    inside = np.zeros(np.broadcast(xs, ys).shape, bool)
+    for (x1, y1), (x2, y2) in zip(vertices, np.roll(vertices, -1, 0)):
+        if y1 == y2:
+            continue
+        crosses = (y1 > ys) != (y2 > ys)
+        inside ^= crosses & (xs < x1 + (ys - y1) * (x2 - x1) / (y2 - y1))
+    return inside
 
 
 def _supersample(size: int) -> int:
@@ -319,7 +347,7 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
 class ShapesData:
     """Rendered scenes. Per-object attributes are (N, MAX_OBJECTS), back to front, padded with -1.
 
-    ``shapes``/``colours``/``sizes``/``places`` index SHAPES/COLOURS/SIZES/POSITIONS; ``positions``
+    ``shapes``/``colours``/``sizes``/``places`` index ALL_SHAPES/COLOURS/SIZES/POSITIONS; ``positions``
     holds centres (x, y) as fractions of the side; ``masks`` (padded with False), ``edges`` and
     ``depth`` are None unless rendered with ``maps=True``.
     """
@@ -347,7 +375,7 @@ def _attributes(scenes: list[Scene]) -> dict:
     positions = np.full((n, MAX_OBJECTS, 2), -1, np.float32)
     for i, scene in enumerate(scenes):
         for k, o in enumerate(scene.objects):
-            idx["shapes"][i, k], idx["colours"][i, k] = SHAPES.index(o.shape), COLOURS.index(o.colour)
+            idx["shapes"][i, k], idx["colours"][i, k] = ALL_SHAPES.index(o.shape), COLOURS.index(o.colour)
             idx["sizes"][i, k], idx["places"][i, k] = SIZES.index(o.size), POSITIONS.index(o.position)
             positions[i, k] = o.x, o.y
     out = {k: torch.from_numpy(v) for k, v in idx.items()}
@@ -359,13 +387,16 @@ def _attributes(scenes: list[Scene]) -> dict:
 class ShapesWorld:
     """Unlimited scenes: ``world[i]`` is rendered from ``np.random.default_rng([seed, i])`` alone."""
 
-    def __init__(self, image_size: int = 32, min_objects: int = 1, max_objects: int = 3, seed: int = 0):
+    def __init__(self, image_size: int = 32, min_objects: int = 1, max_objects: int = 3, seed: int = 0,
+                 shapes: tuple[str, ...] = SHAPES):
         _check_size(image_size)
         _check_counts(min_objects, max_objects)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if not shapes or not set(shapes) <= set(ALL_SHAPES):
+            raise ValueError(f"shapes must be a non-empty selection of {ALL_SHAPES}, got {shapes!r}")
         self.image_size, self.seed = int(image_size), int(seed)
-        self.min_objects, self.max_objects = min_objects, max_objects
+        self.min_objects, self.max_objects, self.shapes = min_objects, max_objects, tuple(shapes)
 
     def _rng(self, index) -> np.random.Generator:
         if not isinstance(index, (int, np.integer)) or index < 0:
@@ -373,12 +404,12 @@ class ShapesWorld:
         return np.random.default_rng([self.seed, int(index)])
 
     def scene(self, index: int) -> Scene:
-        return sample_scene(self._rng(index), self.min_objects, self.max_objects)
+        return sample_scene(self._rng(index), self.min_objects, self.max_objects, self.shapes)
 
     def sample(self, index: int) -> dict:
         """``render`` of scene ``index``, its caption drawn from the same generator."""
         rng = self._rng(index)
-        return render(sample_scene(rng, self.min_objects, self.max_objects), self.image_size, rng)
+        return render(sample_scene(rng, self.min_objects, self.max_objects, self.shapes), self.image_size, rng)
 
     __getitem__ = sample
 
@@ -394,7 +425,7 @@ class ShapesWorld:
         scenes, captions = [], []
         for i in range(n):
             rng = self._rng(start + i)
-            scene = sample_scene(rng, self.min_objects, self.max_objects)
+            scene = sample_scene(rng, self.min_objects, self.max_objects, self.shapes)
             out = _render_numpy(scene, size, maps)
             images[i] = out["image"]
             if maps:

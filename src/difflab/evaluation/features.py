@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data import load_image_folder
 from ..files import save_npz
-from ..metrics import StreamingStats, clip_score, load_npz
+from ..metrics import StreamingStats, load_npz, shapes_clip
 from ..metrics import inception as inception_metrics
 from ..metrics import digits as digits_metrics
 from ..metrics import shapes as shapes_metrics
@@ -88,7 +88,7 @@ def build_extractor(name: str, shape: Sequence[int], *, weights: dict | None = N
         # only the classifier is used; n_reference=2 keeps the evaluator's own reference renders tiny
         evaluator = shapes_metrics.ShapesEvaluator(shape[1], n_reference=2)
         return FeatureExtractor(name, lambda u8: (evaluator.features(dequantize(u8)), None), logits=False)
-    scorer = clip_score.CLIPScorer((weights or {}).get("clip"), device=device)
+    scorer = shapes_clip.image_scorer((weights or {}).get("clip"), device=device)  # or the shapes world's own
     return FeatureExtractor(name, lambda u8: (scorer.clip_features(torch.from_numpy(u8)).numpy(), None),
                             logits=False, batch_size=64)
 

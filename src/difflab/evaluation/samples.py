@@ -74,8 +74,8 @@ def _hashed_config(cfg: dict) -> dict:
     defaults = Config().to_dict()
     out = {k: dict(cfg[k]) for k in ("model", "diffusion", "data")}
     for key in ADDED_KEYS:
-        section, name = key.split(".")
-        if section in out and out[section].get(name) == defaults[section][name]:
+        section, _, name = key.partition(".")
+        if name and section in out and out[section].get(name) == defaults[section][name]:
             del out[section][name]
     return out
 

@@ -62,9 +62,13 @@ class ResBlock(nn.Module):
 
 class AttentionHook:
     """What an installed hook may do in every attention layer it is installed on (see
-    ``attention_hooks``): read or replace the layer's q, k, v (B, heads, N or L, head_dim), and
-    read or replace its attention probabilities (B, heads, N, L). ``name`` is the layer's stable
-    name (``UNet.attention_layers``). The defaults change nothing."""
+    ``attention_hooks``): read or replace the layer's q, k, v (B, heads, N or L, head_dim), read or
+    replace its attention probabilities (B, heads, N, L), and add to its output (B, heads, N,
+    head_dim, before the output projection) given its queries. ``name`` is the layer's stable name
+    (``UNet.attention_layers``). The defaults change nothing. A hook that leaves ``probs`` alone
+    sets ``sees_probs = False``, and the layer keeps fused attention under it."""
+
+    sees_probs = True
 
     def qkv(self, name: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return q, k, v
@@ -72,22 +76,30 @@ class AttentionHook:
     def probs(self, name: str, probs: Tensor) -> Tensor:
         return probs
 
+    def output(self, name: str, q: Tensor, out: Tensor) -> Tensor:
+        return out
+
 
 class _Attending(nn.Module):
-    """The one attention product of every layer: fused ``scaled_dot_product_attention`` while no
-    hook is installed, the explicit softmax(q k^T / sqrt(d)) v that a hook can see into otherwise."""
+    """The one attention product of every layer: fused ``scaled_dot_product_attention`` unless an
+    installed hook needs the probabilities, then the explicit softmax(q k^T / sqrt(d)) v it can see into."""
 
     hook: AttentionHook | None = None
     name: str = ""
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.hook is None:
+        hook = self.hook
+        if hook is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        q, k, v = self.hook.qkv(self.name, q, k, v)
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        return self.hook.probs(self.name, logits.softmax(-1)) @ v
+        q, k, v = hook.qkv(self.name, q, k, v)
+        if hook.sees_probs:
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            out = hook.probs(self.name, logits.softmax(-1)) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return hook.output(self.name, q, out)
 
 
 class SelfAttention(_Attending):
@@ -334,7 +346,18 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
         self.check_input(x)
-        emb = self.time_mlp(timestep_embedding(c_noise.expand(len(x)), self.channels))
+        emb = self.embedding(c_noise, cond, len(x))
+        run = block_runner(self, self.checkpointing)
+        hs, h = self.encode(x, emb, cond, run)
+        if cond is not None and cond.residuals is not None:
+            hs, h = self._add_residuals(hs, h, cond.residuals)
+        for layer in self.up:
+            h = run(layer, torch.cat([h, hs.pop()], 1), emb, cond) if isinstance(layer, Block) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def embedding(self, c_noise: Tensor, cond: Cond | None, batch: int) -> Tensor:
+        """SiLU of the noise embedding plus the label or pooled-text embedding: what every ResBlock gets."""
+        emb = self.time_mlp(timestep_embedding(c_noise.expand(batch), self.channels))
         if self.label_emb is not None:
             if cond is None or cond.labels is None:
                 raise ValueError("this UNet is class-conditional: pass Cond(labels=...) "
@@ -344,18 +367,36 @@ class UNet(nn.Module):
             if cond is None or cond.pooled is None:
                 raise ValueError("this UNet takes a pooled text embedding: pass Cond(pooled=...)")
             emb = emb + self.pooled_proj(cond.pooled.to(emb.dtype))
-        emb = F.silu(emb)
-        run = block_runner(self, self.checkpointing)
+        return F.silu(emb)
+
+    def encode(self, x: Tensor, emb: Tensor, cond: Cond | None, run=None, added: Tensor | None = None):
+        """The downward path and the middle: (skips, middle output). ``added`` joins the first
+        convolution's output (a ControlNet's encoded hint)."""
+        run = run or _direct
         h = self.conv_in(self._with_image(x, cond))
+        if added is not None:
+            h = h + added
         hs = [h]
         for layer in self.down:
             h = run(layer, h, emb, cond) if isinstance(layer, Block) else layer(h)
             hs.append(h)
         for layer in self.mid:
             h = run(layer, h, emb, cond)
-        for layer in self.up:
-            h = run(layer, torch.cat([h, hs.pop()], 1), emb, cond) if isinstance(layer, Block) else layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return hs, h
+
+    @staticmethod
+    def _add_residuals(hs: list[Tensor], h: Tensor, residuals: tuple[Tensor, ...]):
+        if len(residuals) != len(hs) + 1:
+            raise ValueError(f"cond.residuals must hold {len(hs) + 1} tensors (one per skip, then the middle) "
+                             f"for this UNet, got {len(residuals)}")
+        return [s + r.to(s.dtype) for s, r in zip(hs, residuals)], h + residuals[-1].to(h.dtype)
+
+    def skip_channels(self) -> list[int]:
+        """Channels of each skip the downward path hands the upward one, first convolution first."""
+        out = [self.conv_in.out_channels]
+        for layer in self.down:
+            out.append(layer.conv.out_channels if isinstance(layer, Downsample) else layer.res.conv2.out_channels)
+        return out
 
     def _with_image(self, x: Tensor, cond: Cond | None) -> Tensor:
         if not self.concat_channels:
@@ -369,6 +410,21 @@ class UNet(nn.Module):
             raise ValueError(f"cond.image must be (B, {self.concat_channels}, {', '.join(map(str, x.shape[2:]))}) for "
                              f"this UNet, got {tuple(image.shape)}")
         return torch.cat([x, image.to(x.dtype)], 1)
+
+
+class UNetWrapper(nn.Module):
+    """A network around a U-Net (``.unet``) with its call, ``(x, c_noise, cond)``: the U-Net's
+    attributes (``in_channels``, ``attention_layers``, ...) read through it."""
+
+    def __init__(self, unet: UNet):
+        super().__init__()
+        self.unet = unet
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["unet"], name)
 
 
 def block_runner(model: nn.Module, checkpointing: bool):
@@ -390,12 +446,16 @@ class _Chained(AttentionHook):
 
     def __init__(self, first: AttentionHook, then: AttentionHook):
         self.first, self.then = first, then
+        self.sees_probs = first.sees_probs or then.sees_probs
 
     def qkv(self, name, q, k, v):
         return self.then.qkv(name, *self.first.qkv(name, q, k, v))
 
     def probs(self, name, probs):
         return self.then.probs(name, self.first.probs(name, probs))
+
+    def output(self, name, q, out):
+        return self.then.output(name, q, self.first.output(name, q, out))
 
 
 @contextmanager

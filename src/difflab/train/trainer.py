@@ -144,7 +144,7 @@ class Trainer:
 
     def _prepare(self, resume: bool) -> None:
         cfg = self.cfg
-        self.data = load_data(cfg.data, "train")
+        self.data = self.training_data()
         torch.manual_seed(cfg.train.seed)
         t = cfg.train
         self.parts = TrainingParts.build(self.build().to(self.device), self.device, self.dist, lr=t.lr,
@@ -177,6 +177,9 @@ class Trainer:
         return self.parts.ema
 
     # ------------------------------------------------------- what is trained
+    def training_data(self):
+        return load_data(self.cfg.data, "train")
+
     def build(self) -> torch.nn.Module:
         """The U-Net, after setting up latents (``model.vae``) and conditioning (labels or text)."""
         self.vae = None
@@ -390,8 +393,8 @@ class Trainer:
 
 
 #: what a resumed run must share with the run it continues (paths may move; the records pin what they hold)
-FIXED_SECTIONS = ("model", "vae", "diffusion", "data")
-MOVABLE = {"model.vae", "model.text_encoder_path", "data.path"}
+FIXED_SECTIONS = ("model", "vae", "diffusion", "data", "adapter")
+MOVABLE = {"model.vae", "model.text_encoder_path", "data.path", "adapter.base"}
 
 
 def _changed_keys(recorded: dict, cfg: Config) -> list[str]:
