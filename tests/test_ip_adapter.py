@@ -155,6 +155,28 @@ def test_ip_adapter_run_samples_with_an_image_prompt(ip_runs, tmp_path):
     assert out.exists()
 
 
+def test_image_prompt_guidance_is_instructpix2pix_and_cfg_at_equal_scales(ip_runs):
+    from difflab.guidance import ImagePromptGuidance
+
+    def fake(x, sigma, cond):  # a denoiser whose output says which condition it saw
+        return x * 0 + cond.context[:, :1, :1, None] + 10 * cond.image_prompt[:, :1, None, None]
+    cond = Cond(context=torch.full((1, 1, 1), 1.0), image_prompt=torch.ones(1, 1))
+    null = Cond(context=torch.zeros(1, 1, 1), image_prompt=torch.zeros(1, 1))
+    x = torch.zeros(1, 1, 2, 2)
+    out = ImagePromptGuidance(fake, 3.0, 5.0, null)(x, torch.ones(1), cond)
+    assert torch.allclose(out, torch.full_like(x, 0 + 3 * (1 - 0) + 5 * (11 - 1)))
+    _, _, run = ip_runs
+    pipe = difflab.load(run)
+    refs = ShapesWorld(8, 1, 1).load(2).images
+    a = pipe("a red circle", n=2, steps=3, seed=0, image_prompt=refs, guidance=3, progress=False)
+    b = pipe("a red circle", n=2, steps=3, seed=0, image_prompt=refs, guidance=3, image_guidance=3, progress=False)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    c = pipe("a red circle", n=2, steps=3, seed=0, image_prompt=refs, guidance=3, image_guidance=6, progress=False)
+    assert not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="image_guidance weighs an image prompt"):
+        pipe("a red circle", n=1, steps=2, image_guidance=2, progress=False)
+
+
 def test_ip_adapter_errors(ip_runs, tmp_path):
     base_run, encoder, run = ip_runs
     refs = ShapesWorld(8, 1, 1).load(3).images

@@ -177,7 +177,7 @@ def _sample(args) -> None:
     image_prompt = None if args.image_prompt is None else load_picture(args.image_prompt)
     images = pipe(prompt, n=args.n, labels=labels, settings=settings, progress=not args.quiet, control=control,
                   control_scale=scale[0] if len(scale) == 1 else scale, image_prompt=image_prompt,
-                  ip_scale=args.ip_scale)
+                  ip_scale=args.ip_scale, image_guidance=args.image_guidance)
     _write(images, args, pipe, labels)
 
 
@@ -408,6 +408,9 @@ def _sample_parser(sub) -> None:
                    help="ControlNet strength: one number, or one per level then the middle (comma-separated)")
     s.add_argument("--image-prompt", default=None, help="an IP-Adapter run's image prompt: an RGB image file")
     s.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter strength (0 = the text prompt alone)")
+    s.add_argument("--image-guidance", type=float, default=None,
+                   help="guide the image prompt apart from the text (InstructPix2Pix's two scales; --guidance "
+                        "then weighs the text)")
     s.set_defaults(func=_sample)
 
 

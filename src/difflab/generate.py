@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cond import Cond
-from .guidance import ClassifierFreeGuidance, SelfAttentionGuidance
+from .guidance import ClassifierFreeGuidance, ImagePromptGuidance, SelfAttentionGuidance
 from .samplers import BrownianNoise, SeededNoise, check_options, sampler_info
 from .seeds import derive_seed
 
@@ -31,7 +31,9 @@ class SamplingSettings:
     (Hong et al. 2023; 0 = off), applied beneath classifier-free guidance; ``spacing`` the sigma grid (``None`` =
     the schedule's own); ``options`` the sampler's keyword options (``eta``, ``s_churn``, ...).
     ``control_scale`` (one number, or one per U-Net level then the middle) and ``ip_scale`` weigh a
-    ControlNet's hint and an IP-Adapter's image prompt (0 = the base model).
+    ControlNet's hint and an IP-Adapter's image prompt (0 = the base model); ``image_guidance``, when
+    set, guides an image prompt apart from the text (``ImagePromptGuidance``; ``guidance`` then
+    weighs the text alone).
     """
 
     sampler: str | None = None
@@ -46,6 +48,7 @@ class SamplingSettings:
     sag_scale: float | None = None
     control_scale: float | tuple[float, ...] | None = None
     ip_scale: float | None = None
+    image_guidance: float | None = None
 
     def __post_init__(self):
         for name, kind in (("sampler", str), ("spacing", str), ("negative_prompt", str)):
@@ -64,7 +67,7 @@ class SamplingSettings:
                 raise ValueError(f"control_scale must be a number or a list of finite numbers, got {self.control_scale!r}")
         for name, low, high in (("guidance", -math.inf, math.inf), ("guidance_rescale", 0.0, 1.0),
                                 ("sag_scale", -math.inf, math.inf), ("control_scale", -math.inf, math.inf),
-                                ("ip_scale", -math.inf, math.inf)):
+                                ("ip_scale", -math.inf, math.inf), ("image_guidance", -math.inf, math.inf)):
             value = getattr(self, name)
             if isinstance(value, tuple):
                 continue
@@ -183,6 +186,8 @@ def guided(denoiser, s: SamplingSettings, null_cond: Cond | None = None):
     base = SelfAttentionGuidance(denoiser, s.sag_scale) if s.sag_scale else denoiser
     if null_cond is None:
         return base
+    if s.image_guidance is not None:
+        return ImagePromptGuidance(base, 1.0 if s.guidance is None else s.guidance, s.image_guidance, null_cond)
     return ClassifierFreeGuidance(base, 1.0 if s.guidance is None else s.guidance, null_cond,
                                   rescale=s.guidance_rescale)
 

@@ -23,7 +23,7 @@ from .metrics.shapes_clip import image_scorer
 from .nn import ControlledUNet, IPAdaptedUNet, IPAdapter
 from .train.build import build_denoiser, build_unet, data_shape
 
-GUIDANCE_FIELDS = ("guidance", "guidance_rescale", "negative_prompt")
+GUIDANCE_FIELDS = ("guidance", "guidance_rescale", "negative_prompt", "image_guidance")
 
 
 class Pipeline:
@@ -162,13 +162,15 @@ class Pipeline:
         s = self.settings(asked)
         cond, null = self.conds(n, labels, prompt, "" if guide is not None else s.negative_prompt)
         model = self.denoiser
+        if s.image_guidance is not None and image_prompt is None:
+            raise ValueError("image_guidance weighs an image prompt: pass image_prompt=... (an IP-Adapter run's)")
         if image_prompt is not None:
             model, cond, null = self.image_prompted(cond, null, image_prompt, s.ip_scale, n)
         if control is not None:
             model, cond, null = self.controlled(model, cond, null, control, s.control_scale, n)
         if guide is not None or null is None:
             model, null = (guide(model) if guide is not None else model), None
-            s = replace(s, guidance=None, guidance_rescale=None)
+            s = replace(s, guidance=None, guidance_rescale=None, image_guidance=None)
         return model, cond, null, s
 
     def load_lora(self, path, scale: float = 1.0) -> "Pipeline":
