@@ -117,6 +117,18 @@ def test_image_encoder_folder_scores_through_the_clip_scorer_interface(ip_runs):
         ShapesCLIPScorer(folder.parent / "missing")
 
 
+def test_the_shapes_encoder_is_the_clip_extractor_of_fid_stats(ip_runs, tmp_path):
+    _, encoder, _ = ip_runs
+    folder = tmp_path / "renders"
+    folder.mkdir()
+    for i, x in enumerate(ShapesWorld(8).load(6).images):
+        Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "clip.npz"
+    assert main(["fid-stats", str(folder), "--out", str(out), "--extractor", "clip", "--clip", str(encoder),
+                 "--image-size", "8", "--quiet"]) == 0
+    assert np.load(out)["mu"].shape == (12,)  # the encoder's embedding width
+
+
 def test_ip_adapter_trains_on_a_real_clip_architecture(ip_runs, tmp_path):
     """A local Hugging Face CLIP folder (here a tiny random one of the real architecture) is the
     path for real CLIP weights: the same adapter, its embeddings from ``CLIPScorer``."""
