@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 import tempfile
 import time
@@ -108,7 +109,6 @@ def main() -> None:
     caption = f"a {args.colour} star"
     lora_out = Path(args.lora_out or f"{args.base.rstrip('/')}-lora-star")
     if lora_out.exists():
-        import shutil
         shutil.rmtree(lora_out)
     with tempfile.TemporaryDirectory() as tmp:
         write_folder(star_images(args.images, size, args.colour), Path(tmp))

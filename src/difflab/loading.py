@@ -207,7 +207,7 @@ class Pipeline:
         model = build_denoiser(self.cfg, IPAdaptedUNet(self.denoiser.net, self.ip_adapter, scale)).to(device)
         cond = replace(cond, image_prompt=embeds)
         if null is not None:
-            null = replace(null.expand(n) if len(null) == 1 else null, image_prompt=torch.zeros_like(embeds))
+            null = replace(null.expand(n), image_prompt=torch.zeros_like(embeds))
         return model, cond, null
 
 

@@ -85,5 +85,5 @@ def with_control(cond: Cond | None, null: Cond | None, control, n: int, device) 
     hint = control_rows(control, n).to(device)
     cond = replace(cond or Cond(), control=hint)
     if null is not None:
-        null = replace(null.expand(n) if len(null) == 1 else null, control=hint)
+        null = replace(null.expand(n), control=hint)
     return cond, null

@@ -19,7 +19,7 @@ from .. import runs
 from ..config import Config, ConfigError
 from ..data import SHAPES_HELDOUT_START, ImageData, load_image_folder, load_shapes_scenes
 from ..data.shapes import COLOURS, ShapesWorld
-from ..generate import SamplingSettings, generate
+from ..generate import generate
 from ..images import save_grid
 from ..latents import decode_latents
 from ..loading import load
@@ -28,7 +28,7 @@ from ..nn import ControlledUNet, IPAdaptedUNet, IPAdapter
 from ..seeds import derive_seed
 from ..train.build import build_denoiser, diffusion_loss
 from ..train.trainer import Trainer, TrainingError, batch_indices, step_generator
-from .control import base_identity, build_controlnet, hints
+from .control import base_identity, build_controlnet, check_base, hints
 from .image_encoder import IMAGE_ENCODER_RECORD, check_encoder, embed_images, encoder_identity
 from .lora import add_lora, save_lora, set_lora_scale
 
@@ -71,15 +71,12 @@ class AdapterTrainer(Trainer):
         if name != runs.BASE_RECORD:
             return super().check_record(name, mine)
         recorded = runs.read_record(self.run, name)
-        if recorded is not None and recorded["weights_sha256"] != mine["weights_sha256"]:
-            raise TrainingError(f"{self.run} was trained on the base weights of {recorded['path']} (sha256 "
-                                f"{recorded['weights_sha256'][:12]}...); {mine['path']} now holds other weights")
-
-    def grid_settings(self) -> SamplingSettings:
-        """The sample grids' settings: the eval sampler and guidance, at most 25 steps."""
-        e = self.cfg.eval
-        return SamplingSettings(sampler=e.sampler, steps=min(e.steps, 25), spacing=e.spacing or None,
-                                guidance=e.guidance, seed=e.seed)
+        if recorded is None:
+            return
+        try:
+            check_base(recorded, mine, self.run)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
 
 
 class ControlNetTrainer(AdapterTrainer):
@@ -151,10 +148,7 @@ class LoRATrainer(AdapterTrainer):
         captions of its training scenes."""
         captions = load_shapes_scenes(self.cfg.data, "train", n).captions
         base = load(self.cfg.adapter.base)
-        e = self.cfg.eval
-        settings = SamplingSettings(sampler=e.sampler, steps=e.steps, spacing=e.spacing or None, guidance=e.guidance,
-                                    seed=self.cfg.train.seed)
-        return base(captions, n=n, settings=settings, progress=False).cpu(), captions
+        return base(captions, n=n, seed=self.cfg.train.seed, progress=False).cpu(), captions
 
     def build(self) -> torch.nn.Module:
         a = self.cfg.adapter

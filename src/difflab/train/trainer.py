@@ -339,14 +339,17 @@ class Trainer:
             cond, null = c.cond(torch.arange(n) % c.num_classes), c.null()
         else:
             n = 64
-        e = self.cfg.eval
-        settings = SamplingSettings(sampler=e.sampler, steps=min(e.steps, 25), spacing=e.spacing or None,
-                                    guidance=e.guidance if null is not None else None, seed=e.seed)
-        x = generate(build_denoiser(self.cfg, self.ema.model), self.data.images.shape[1:], n, settings, cond=cond,
-                     null_cond=null, progress=False)
+        x = generate(build_denoiser(self.cfg, self.ema.model), self.data.images.shape[1:], n,
+                     self.grid_settings(guided=null is not None), cond=cond, null_cond=null, progress=False)
         if self.vae is not None:
             x = decode_latents(self.vae, x)
         save_grid(x, runs.sample_grid_path(self.run, self.step), nrow=nrow)
+
+    def grid_settings(self, guided: bool = True) -> SamplingSettings:
+        """The sample grids' settings: the eval sampler and guidance (when ``guided``), at most 25 steps."""
+        e = self.cfg.eval
+        return SamplingSettings(sampler=e.sampler, steps=min(e.steps, 25), spacing=e.spacing or None,
+                                guidance=e.guidance if guided else None, seed=e.seed)
 
     def fit(self) -> Path:
         """Train to ``train.steps``; on SIGINT/SIGTERM save after the current step and raise ``Interrupted``."""
