@@ -22,7 +22,7 @@ LAYERS = {
                      "devices", "interrupts", "runs", "images", "nn"], 0),  # foundations
     **dict.fromkeys(["denoisers", "samplers", "guidance", "generate", "testing"], 1),  # protocols
     **dict.fromkeys(["data", "text", "metrics", "conditioning", "latents", "loading", "train", "memory",
-                     "evaluation", "editing", "adapters"], 2),  # workflows
+                     "evaluation", "editing", "adapters", "distill"], 2),  # workflows
     **dict.fromkeys(["pipelines", "cli", "difflab"], 3),  # faces ("difflab" = the root __init__)
 }
 FACES = {"difflab", "difflab.pipelines", "difflab.cli"}

@@ -72,6 +72,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_overrides_may_follow_options_and_strays_are_refused(capsys):
+    from difflab.cli import _config, parse_args
+    args = parse_args(["train", "train.steps=3", "--quiet", "out=runs/x", "eval.steps=7", "--no-eval"])
+    cfg = _config(args)
+    assert (cfg.train.steps, cfg.out, cfg.eval.steps, args.quiet, args.no_eval) == (3, "runs/x", 7, True, True)
+    for argv in (["train", "--bogus"], ["samplers", "train.steps=3"]):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(argv)
+        assert stop.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_cli_eval_writes_metrics(run_dir, capsys):
     assert main(["eval", "--run", str(run_dir), "--n", "40", "--steps", "3", "--quiet"]) == 0
     printed = capsys.readouterr().out

@@ -115,7 +115,7 @@ def test_callback_registry_and_errors():
     sample_euler(GaussianDenoiser(), torch.zeros(1, 2), sigmas, callback=seen.append, progress=False)
     assert [d["i"] for d in seen] == [0, 1, 2, 3, 4] and set(seen[0]) >= {"x", "sigma", "x0_hat"}
     assert seen[-1]["sigma_next"] == 0
-    with pytest.raises(ValueError, match="valid samplers: ddim, ddpm, dpm_fast, .*, euler, euler_ancestral, heun"):
+    with pytest.raises(ValueError, match="valid samplers: consistency, ddim, ddpm, dpm_fast, .*, euler, euler_ancestral, heun"):
         get_sampler("dpm++")
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample_euler(GaussianDenoiser(), torch.zeros(1, 2), torch.tensor([1.0, 2.0, 0.0]), progress=False)

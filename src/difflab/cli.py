@@ -1,5 +1,5 @@
-"""``difflab train | train-vae | finetune | memory | sample | inpaint | outpaint | img2img | invert | edit |
-eval | fid-stats | samplers``. The only module that parses arguments."""
+"""``difflab train | train-vae | finetune | distill | reflow | memory | sample | inpaint | outpaint | img2img |
+invert | edit | eval | fid-stats | samplers``. The only module that parses arguments."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import adapters, devices, editing
+from . import adapters, devices, distill, editing
 from .adapters.image_encoder import CONFIG as IMAGE_ENCODER_CONFIG
 from .adapters.image_encoder import ImageEncoderTraining, train_image_encoder
 from .adapters.training import FINETUNE_DEFAULTS, LORA_FILE, train_adapter
@@ -42,6 +42,10 @@ def _config(args):
 
 def _train(args) -> None:
     cfg = _config(args)
+    if cfg.diffusion.parametrization == "consistency":
+        _report_students([distill.train_consistency(cfg, resume=args.resume, progress=not args.quiet,
+                                                    verify=not args.no_verify)], args)
+        return
     if cfg.adapter.kind:
         run = train_adapter(cfg, resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
         print(f"run folder: {run}")
@@ -55,6 +59,25 @@ def _train(args) -> None:
     print(f"run folder: {run}")
     if not args.no_eval and cfg.data.dataset in ("digits", "shapes") and cfg.data.conditional:
         _print_eval(run, progress=not args.quiet)
+
+
+def _distill(args) -> None:
+    cfg = distill.distill_config(args.method, args.teacher, args.overrides, args.out)
+    _report_students(distill.distill(cfg, resume=args.resume, progress=not args.quiet), args)
+
+
+def _reflow(args) -> None:
+    cfg = distill.distill_config("reflow", args.run, args.overrides, args.out)
+    _report_students(distill.distill(cfg, resume=args.resume, progress=not args.quiet), args)
+
+
+def _report_students(folders, args) -> None:
+    """Each run folder, and its built-in evaluation (class-conditional digits, text shapes) unless --no-eval."""
+    for run in folders:
+        print(f"run folder: {run}")
+        cfg = load_config(Path(run) / "config.yaml")
+        if not args.no_eval and cfg.data.dataset in ("digits", "shapes") and cfg.data.conditional:
+            _print_eval(run, progress=not args.quiet)
 
 
 def _finetune(args) -> None:
@@ -329,6 +352,12 @@ def _train_args(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _student_args(parser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue (finished halvings are kept)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation of the students")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _training_parsers(sub) -> None:
     t = sub.add_parser("train", help="train a model (default: class-conditional digits), then evaluate it")
     _train_args(t)
@@ -351,6 +380,25 @@ def _training_parsers(sub) -> None:
     f.add_argument("--resume", action="store_true")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_finetune)
+
+    d = sub.add_parser("distill", help="few-step students of a teacher run: progressive distillation (a run per "
+                                       "halving, <out>/<n>-steps) or consistency distillation; then evaluate them")
+    d.add_argument("method", choices=("progressive", "consistency"))
+    d.add_argument("overrides", nargs="*",
+                   help="key=value overrides, e.g. distill.steps=64 distill.guidance=3")
+    d.add_argument("--teacher", required=True, help="the teacher run folder (its EMA weights, frozen)")
+    d.add_argument("--out", default=None, help="the student run folder (default: TEACHER-<method> beside TEACHER)")
+    _student_args(d)
+    d.set_defaults(func=_distill)
+
+    r = sub.add_parser("reflow", help="retrain a rectified-flow run on its own noise-sample pairs (Liu et al. "
+                                      "2023): straighter paths for few Euler steps; then evaluate it")
+    r.add_argument("run", help="the flow run folder (diffusion.parametrization=flow)")
+    r.add_argument("overrides", nargs="*",
+                   help="key=value overrides, e.g. distill.pairs=20000 train.steps=3000")
+    r.add_argument("--out", default=None, help="the new run folder (default: RUN-reflow beside RUN)")
+    _student_args(r)
+    r.set_defaults(func=_reflow)
 
     c = sub.add_parser("train-image-encoder", help="train the shapes world's CLIP-style image encoder (image tower "
                                                    "against the frozen MiniLM); reports zero-shot caption retrieval")
@@ -528,10 +576,23 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ConfigError, RunFolderError, RunLockedError, TrainingError, ValueError, OSError)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides accepted after the options too
+    (``difflab distill progressive --teacher RUN distill.steps=64``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra and (len(overrides) < len(extra) or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
+    return args
+
+
 def main(argv=None) -> int:
     """Run one command; a user error (a bad input, a damaged file, a full disk) is one ``difflab: error:``
     line and exit code 2, a stop on SIGINT/SIGTERM one line and 128 + the signal (``--debug``: tracebacks)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.func(args)
     except Interrupted as stop:

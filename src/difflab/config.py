@@ -61,10 +61,11 @@ class VAEConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = choice("edm", "cosine", "linear", "scaled_linear", "sigmoid", "vp", "edm")
+    schedule: str = choice("edm", "cosine", "linear", "scaled_linear", "sigmoid", "vp", "edm", "flow")
     timesteps: int = 1000
     zero_terminal_snr: bool = False
-    parametrization: str = choice("edm", "eps", "v", "x0", "edm")
+    # flow: rectified flow's velocity (with schedule flow); consistency: a consistency function (edm schedule)
+    parametrization: str = choice("edm", "eps", "v", "x0", "edm", "flow", "consistency")
     weighting: str = choice("uniform", "uniform", "min_snr", "edm")
     min_snr_gamma: float = 5.0
     sigma_data: float = 0.75  # data std assumed by EDM preconditioning and weighting (digits: 0.75)
@@ -142,6 +143,25 @@ class AdapterConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Few-step models (``difflab distill``, ``difflab reflow``; ``difflab train
+    diffusion.parametrization=consistency`` is consistency training, which needs no teacher)."""
+    method: str = choice("", "", "progressive", "consistency", "reflow")
+    teacher: str = ""         # the teacher run folder (its EMA weights)
+    guidance: float = 3.0     # the teacher's classifier-free guidance scale the student learns (1 = none)
+    steps: int = 2            # progressive: the teacher's DDIM steps; the student takes half
+    levels: int = 18          # consistency distillation: the Karras grid the teacher steps along (N)
+    teacher_sampler: str = "heun"  # consistency distillation: the ODE step between adjacent levels
+    level_groups: int = 4     # consistency distillation: rows share a level in this many groups (one sampler call each)
+    distance: str = choice("pseudo_huber", "pseudo_huber", "l2")
+    ema_target: bool = True   # consistency distillation: the EMA weights are the target (else the online ones)
+    ct_start: int = 10        # consistency training: the discretisation curriculum from s0 levels ...
+    ct_end: int = 1280        # ... doubling up to s1 (Song & Dhariwal 2023)
+    pairs: int = 10000        # reflow: noise-sample pairs drawn from the model
+    pair_steps: int = 100     # reflow: Euler steps that draw them
+
+
+@dataclass
 class Config:
     out: str = "runs/digits"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,6 +171,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,7 +230,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 #: keys that a run folder written before they existed may lack (they take their defaults)
-ADDED_KEYS = {"train.keep_checkpoints", "model.inpainting", "adapter",
+ADDED_KEYS = {"train.keep_checkpoints", "model.inpainting", "adapter", "distill",
               *(f"adapter.{k}" for k in ("images", "caption", "rank", "alpha", "convs", "prior_images", "image_encoder",
                                          "tokens", "image_dropout", "colour_captions"))}
 
@@ -297,6 +318,7 @@ def validate(cfg: Config) -> Config:
                           f">= 0, got {a.image_dropout}, {a.tokens} and {a.prior_images}")
     if a.rank < 1 or a.alpha < 0:
         raise ConfigError(f"adapter.rank must be >= 1 and adapter.alpha >= 0, got {a.rank} and {a.alpha}")
+    _check_few_step(cfg)
     v = cfg.vae
     if v.latent_channels < 1 or v.channels < 1 or not v.channel_mult or any(k < 1 for k in v.channel_mult):
         raise ConfigError("vae.channels, vae.latent_channels and vae.channel_mult must be positive, "
@@ -308,6 +330,48 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.image_size ({d.image_size}) must be divisible by the U-Net's downsampling "
                           f"factor 2^(len(model.channel_mult) - 1) = {2 ** (len(m.channel_mult) - 1)}")
     return cfg
+
+
+def _check_few_step(cfg: Config) -> None:
+    d, s = cfg.diffusion, cfg.distill
+    if (d.parametrization == "flow") != (d.schedule == "flow"):
+        raise ConfigError("rectified flow is a parametrisation and a schedule: set diffusion.parametrization=flow "
+                          f"and diffusion.schedule=flow together, got {d.parametrization} and {d.schedule}")
+    if d.parametrization == "consistency" and d.schedule != "edm":
+        raise ConfigError(f"a consistency model lives on the EDM schedule's levels: set diffusion.schedule=edm, "
+                          f"got {d.schedule}")
+    if s.method and not s.teacher:
+        raise ConfigError(f"distill.method={s.method} learns from a teacher: set distill.teacher to its run folder")
+    if s.steps < 2 or s.steps & (s.steps - 1):
+        raise ConfigError(f"config key 'distill.steps' must be a power of two >= 2 (it is halved), got {s.steps}")
+    if min(s.levels, s.ct_start) < 2 or s.ct_end < s.ct_start or min(s.level_groups, s.pairs, s.pair_steps) < 1:
+        raise ConfigError("distill.levels and distill.ct_start must be >= 2, distill.ct_end >= distill.ct_start, and "
+                          f"distill.level_groups, pairs, pair_steps >= 1; got {s.levels}, {s.ct_start}, {s.ct_end}, "
+                          f"{s.level_groups}, {s.pairs}, {s.pair_steps}")
+    if s.guidance < 0:
+        raise ConfigError(f"config key 'distill.guidance' must be >= 0, got {s.guidance}")
+
+
+#: other spellings of a key (the papers' British "parametrisation"; the issue tracker's "model." one)
+KEY_ALIASES = {"diffusion.parametrisation": "diffusion.parametrization",
+               "model.parametrisation": "diffusion.parametrization",
+               "model.parametrization": "diffusion.parametrization"}
+
+
+def _canonical(data: dict) -> dict:
+    """``data`` with aliased keys moved to their own place, and the flow schedule implied by the flow
+    parametrisation when the same source names no schedule (the two only work together)."""
+    for alias, key in KEY_ALIASES.items():
+        section, leaf = alias.split(".")
+        if isinstance(data.get(section), dict) and leaf in data[section]:
+            home, own = key.split(".")
+            data.setdefault(home, {})[own] = data[section].pop(leaf)
+            if not data[section]:
+                del data[section]
+    d = data.get("diffusion")
+    if isinstance(d, dict) and d.get("parametrization") == "flow" and "schedule" not in d:
+        d["schedule"] = "flow"
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -323,8 +387,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        _apply(cfg, data)
-    _apply(cfg, parse_overrides(overrides or []))
+        _apply(cfg, _canonical(data))
+    _apply(cfg, _canonical(parse_overrides(overrides or [])))
     return validate(cfg)
 
 

@@ -40,6 +40,17 @@ def x0_from_v(x: Tensor, v: Tensor, sigma) -> Tensor:
     return alpha**2 * x - sigma * alpha * v
 
 
+def velocity_from_x0(x: Tensor, x0: Tensor, sigma) -> Tensor:
+    """The flow velocity dx_t/dt = n - x0 of ``x_t = (1 - t) x0 + t n`` (Liu et al. 2023), with
+    ``x = x_t / (1 - t)`` in sigma space, ``sigma = t / (1 - t)``."""
+    return eps_from_x0(x, x0, sigma) - x0
+
+
+def x0_from_velocity(x: Tensor, v: Tensor, sigma) -> Tensor:
+    """x0 = x_t - t v, i.e. (x - sigma v) / (1 + sigma) in sigma space."""
+    return (x - sigma * v) / (1 + sigma)
+
+
 def score_from_x0(x: Tensor, x0: Tensor, sigma) -> Tensor:
     """grad_x log p_sigma(x) = (x0_hat - x) / sigma^2 (Tweedie)."""
     return (x0 - x) / sigma**2
@@ -158,14 +169,39 @@ class EDMDenoiser(Denoiser):
         return sigma.log() / 4
 
 
-PARAMETRIZATIONS = {"eps": EpsDenoiser, "v": VDenoiser, "x0": X0Denoiser, "edm": EDMDenoiser}
+class FlowDenoiser(Denoiser):
+    """A network predicting the flow velocity v = n - x0 from x_t = x / (1 + sigma) (rectified flow,
+    Liu et al. 2023; flow matching, Lipman et al. 2023): x0 = x_t - t v, so c_skip = c_in = 1/(1+sigma)
+    and c_out = -sigma/(1+sigma). Its uniform loss is the flow-matching loss ||v_hat - (n - x0)||^2."""
+
+    def scalings(self, sigma):
+        c = 1 / (1 + sigma)
+        return c, -sigma * c, c
+
+
+class ConsistencyDenoiser(EDMDenoiser):
+    """A consistency function f(x, sigma) (Song et al. 2023, Appendix C): EDM's c_in and c_noise with
+    c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2) and c_out = sigma_d (sigma - sigma_min) /
+    sqrt(sigma^2 + sigma_d^2), so f(x, sigma_min) = x exactly (the boundary condition). Its schedule's
+    native grid is ``karras_trailing``: an evaluation at sigma_min would return its input."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, sigma_data: float = 0.5):
+        super().__init__(net, schedule.with_native_spacing("karras_trailing"), sigma_data)
+
+    def scalings(self, sigma):
+        sd, s = self.sigma_data, sigma - self.schedule.sigma_min
+        return sd**2 / (s**2 + sd**2), sd * s * (sigma**2 + sd**2).rsqrt(), (sigma**2 + sd**2).rsqrt()
+
+
+PARAMETRIZATIONS = {"eps": EpsDenoiser, "v": VDenoiser, "x0": X0Denoiser, "edm": EDMDenoiser, "flow": FlowDenoiser,
+                    "consistency": ConsistencyDenoiser}
 
 
 def build(parametrization: str, net: nn.Module, schedule: NoiseSchedule, sigma_data: float = 0.5) -> Denoiser:
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"unknown parametrization {parametrization!r}; expected one of {', '.join(PARAMETRIZATIONS)}")
-    if parametrization == "edm":
-        return EDMDenoiser(net, schedule, sigma_data)
+    if parametrization in ("edm", "consistency"):
+        return PARAMETRIZATIONS[parametrization](net, schedule, sigma_data)
     return PARAMETRIZATIONS[parametrization](net, schedule)
 
 

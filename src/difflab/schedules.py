@@ -13,6 +13,7 @@ This module imports nothing from difflab.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -84,6 +85,14 @@ def polyexponential_grid(n: int, sigma_min: float, sigma_max: float, rho: float 
     return _append_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
 
 
+def karras_trailing_grid(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """The Karras grid of n + 1 levels with its last level (sigma_min) replaced by 0, as diffusers'
+    "trailing" spacing drops the lowest timestep. A model whose output at sigma_min is its input (a
+    consistency model) gets n useful evaluations, and halving n keeps every other level
+    (progressive distillation's nested grids): level i of n is level 2i of 2n."""
+    return torch.cat([karras_grid(n + 1, sigma_min, sigma_max, rho)[:-2], torch.zeros(1, dtype=F64)])
+
+
 def _append_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
@@ -100,7 +109,7 @@ class NoiseSchedule:
 
     sigma_min: float
     sigma_max: float
-    spacings: tuple[str, ...] = ("karras", "exponential", "logsnr", "polyexponential")
+    spacings: tuple[str, ...] = ("karras", "karras_trailing", "exponential", "logsnr", "polyexponential")
 
     def sigma(self, t) -> Tensor:
         raise NotImplementedError
@@ -133,12 +142,23 @@ class NoiseSchedule:
         spacing = spacing or self.spacings[0]
         if spacing == "karras":
             return karras_grid(steps, self.sigma_min, self.sigma_max, 7.0 if rho is None else rho)
+        if spacing == "karras_trailing":
+            return karras_trailing_grid(steps, self.sigma_min, self.sigma_max, 7.0 if rho is None else rho)
         if spacing in ("exponential", "logsnr"):
             return exponential_grid(steps, self.sigma_min, self.sigma_max)
         if spacing == "polyexponential":
             return polyexponential_grid(steps, self.sigma_min, self.sigma_max, 1.0 if rho is None else rho)
         raise ValueError(f"unknown spacing {spacing!r} for {type(self).__name__}; "
                          f"expected one of {', '.join(self.spacings)}")
+
+    def with_native_spacing(self, spacing: str) -> "NoiseSchedule":
+        """This schedule with ``spacing`` as its default grid (the other spacings stay available)."""
+        if spacing not in self.spacings:
+            raise ValueError(f"unknown spacing {spacing!r} for {type(self).__name__}; expected one of "
+                             f"{', '.join(self.spacings)}")
+        other = copy.copy(self)
+        other.spacings = (spacing,) + tuple(s for s in self.spacings if s != spacing)
+        return other
 
     def clamp(self, sigmas) -> Tensor:
         """Clamp a custom grid to the model's support, keeping an exact final 0."""
@@ -153,7 +173,8 @@ class DiscreteVP(NoiseSchedule):
     k-diffusion's ``DiscreteSchedule`` does, so any sigma maps to a network input.
     """
 
-    spacings = ("trailing", "leading", "linspace", "karras", "exponential", "logsnr", "polyexponential")
+    spacings = ("trailing", "leading", "linspace", "karras", "karras_trailing", "exponential", "logsnr",
+                "polyexponential")
 
     def __init__(self, betas: Tensor):
         betas = _f64(betas)
@@ -209,7 +230,7 @@ class DiscreteVP(NoiseSchedule):
         return ts.long().clamp(0, T - 1).flip(0)
 
     def sigmas(self, steps: int, spacing: str | None = None, rho: float | None = None) -> Tensor:
-        spacing = spacing or "trailing"
+        spacing = spacing or self.spacings[0]
         if spacing in ("leading", "trailing", "linspace"):
             return _append_zero(self.sigmas_table[self.timesteps(steps, spacing)])
         return super().sigmas(steps, spacing, rho)
@@ -221,7 +242,7 @@ class ContinuousVP(NoiseSchedule):
     ``t`` is in [eps_t, 1]; constants are EDM's ``VPPrecond`` defaults.
     """
 
-    spacings = ("uniform", "karras", "exponential", "logsnr", "polyexponential")
+    spacings = ("uniform", "karras", "karras_trailing", "exponential", "logsnr", "polyexponential")
 
     def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, eps_t: float = 1e-5):
         self.beta_min, self.beta_d, self.eps_t = beta_min, beta_d, eps_t
@@ -245,7 +266,7 @@ class ContinuousVP(NoiseSchedule):
         return self.sigma(t)
 
     def sigmas(self, steps: int, spacing: str | None = None, rho: float | None = None) -> Tensor:
-        if not spacing or spacing == "uniform":
+        if (spacing or self.spacings[0]) == "uniform":
             _check_steps(steps)
             return _append_zero(self.sigma(torch.linspace(1, self.eps_t, steps, dtype=F64)))
         return super().sigmas(steps, spacing, rho)
@@ -270,6 +291,44 @@ class EDM(NoiseSchedule):
 
     def sample_sigma(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return (self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=F64)).exp()
+
+
+class RectifiedFlow(NoiseSchedule):
+    """The straight path of rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023),
+    ``x_t = (1 - t) x0 + t n``, in sigma space: ``x_t = x / (1 + sigma)`` with ``sigma = t / (1 - t)``.
+
+    Logit-normal training times (Esser et al. 2024, SD3: logit t ~ N(m, s^2)) are log-normal noise
+    levels, since ``logit t = ln sigma``. The native grid is uniform in t from ``t_max`` (t = 1 is
+    sigma = inf; starting at 0.999 leaves out a 0.001 share of the signal) to 0, the grid of an
+    Euler flow sampler; DDIM / Euler in sigma space is exactly that Euler step. ``c_noise`` is
+    1000 t, as SD3 feeds its time embedding.
+    """
+
+    spacings = ("uniform", "karras", "karras_trailing", "exponential", "logsnr", "polyexponential")
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 0.999, logit_mean: float = 0.0, logit_std: float = 1.0):
+        self.t_min, self.t_max, self.logit_mean, self.logit_std = t_min, t_max, logit_mean, logit_std
+        self.sigma_min, self.sigma_max = float(self.sigma(t_min)), float(self.sigma(t_max))
+
+    def sigma(self, t) -> Tensor:
+        t = _f64(t)
+        return t / (1 - t)
+
+    def t(self, sigma) -> Tensor:
+        s = _f64(sigma)
+        return s / (1 + s)
+
+    def c_noise(self, sigma) -> Tensor:
+        return 1000 * self.t(sigma)
+
+    def sample_sigma(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return (self.logit_mean + self.logit_std * torch.randn(n, generator=generator, dtype=F64)).exp()
+
+    def sigmas(self, steps: int, spacing: str | None = None, rho: float | None = None) -> Tensor:
+        if (spacing or self.spacings[0]) == "uniform":
+            _check_steps(steps)
+            return _append_zero(self.sigma(torch.linspace(self.t_max, 0, steps + 1, dtype=F64)[:-1]))
+        return super().sigmas(steps, spacing, rho)
 
 
 def discrete(name: str = "cosine", timesteps: int = 1000, zero_terminal_snr: bool = False, **kwargs) -> DiscreteVP:
@@ -297,7 +356,9 @@ def sigmoid(timesteps: int = 1000, **kw) -> DiscreteVP:
 
 
 def build(name: str, timesteps: int = 1000, zero_terminal_snr: bool = False) -> NoiseSchedule:
-    """Schedule from its config name: a beta table name, ``vp`` (continuous) or ``edm``."""
+    """Schedule from its config name: a beta table name, ``vp`` (continuous), ``edm`` or ``flow``."""
+    if name == "flow":
+        return RectifiedFlow()
     if name == "vp":
         return ContinuousVP()
     if name == "edm":

@@ -15,8 +15,8 @@ from .dpm import (fast_orders, sample_dpm_fast, sample_dpm_solver_1, sample_dpm_
                   sample_dpmpp_3m_sde, sample_dpmpp_sde)
 from .noise import BrownianNoise, SeededNoise, global_noise
 from .unipc import sample_unipc
-from .sampling import (ancestral_step, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
-                       sample_heun)
+from .sampling import (ancestral_step, sample_consistency, sample_ddim, sample_ddpm, sample_euler,
+                       sample_euler_ancestral, sample_heun)
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp_3m_sde": SamplerInfo(sample_dpmpp_3m_sde, 1, 2, True, brownian=True),
     # UniP-3 + UniC: p + 1 (fit 4.1 over NFE 12-192); corrector=False gives 3
     "unipc": SamplerInfo(sample_unipc, 1, 4, False),
+    # for consistency models: no ODE (order 0), fresh noise between its evaluations
+    "consistency": SamplerInfo(sample_consistency, 1, 0, True),
 }
 
 

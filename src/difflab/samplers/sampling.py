@@ -145,3 +145,17 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, *, variance="fixed_small", noise
             var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2) if sigma_next > 0 else 0.0
         x = add_noise(x0_hat + (sigma_next / sigma) ** 2 * (x - x0_hat), math.sqrt(var), noise, sigma, sigma_next)
     return x
+
+
+@torch.no_grad()
+def sample_consistency(denoiser, x, sigmas, cond=None, *, noise=None, callback=None, progress=True):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): x0 = f(x, sigma), then fresh noise
+    back up to the next level, x = x0 + sqrt(sigma_next^2 - sigma_min^2) z. One step is the
+    one-evaluation sample f(sigma_max z, sigma_max); sigma_min is the model schedule's."""
+    noise = noise or global_noise(x)
+    sigma_min = denoiser.schedule.sigma_min
+    for i, sigma, sigma_next in _steps(sigmas, progress):
+        x0_hat = _denoise(denoiser, x, sigma, cond)
+        _report(callback, x, i, sigma, sigma_next, x0_hat)
+        x = add_noise(x0_hat, math.sqrt(max(sigma_next**2 - sigma_min**2, 0.0)), noise, sigma, sigma_next)
+    return x

@@ -396,8 +396,8 @@ class Trainer:
 
 
 #: what a resumed run must share with the run it continues (paths may move; the records pin what they hold)
-FIXED_SECTIONS = ("model", "vae", "diffusion", "data", "adapter")
-MOVABLE = {"model.vae", "model.text_encoder_path", "data.path", "adapter.base"}
+FIXED_SECTIONS = ("model", "vae", "diffusion", "data", "adapter", "distill")
+MOVABLE = {"model.vae", "model.text_encoder_path", "data.path", "adapter.base", "distill.teacher"}
 
 
 def _changed_keys(recorded: dict, cfg: Config) -> list[str]:
