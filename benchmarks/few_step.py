@@ -60,6 +60,8 @@ def quality(method: str, run, n: int, **settings) -> dict:
     finally:
         if kept is not None:
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(kept))
+        else:
+            path.unlink(missing_ok=True)
     return {"method": method, "run": str(run), "sampler": m["sampler"], "steps": m["steps"], "spacing": m["spacing"],
             "guidance": m["guidance"], "class_accuracy": m["class_accuracy"], "frechet": m["frechet_samples"],
             "train_seconds": m["train_seconds"]}
@@ -90,7 +92,7 @@ def progressive_rows(root, n: int) -> list[dict]:
 
 def flow_straightness(run, guidance: float, n: int = 256) -> float:
     pipe = load(run)
-    labels = torch.arange(n) % pipe.num_classes
+    labels = torch.arange(n) % pipe.num_classes if pipe.num_classes else None
     settings = pipe.settings(SamplingSettings(guidance=guidance))
     model, cond, null, s = pipe.sampling_parts(n=n, labels=labels, settings=settings)
     noise = torch.randn((n, *pipe.latent_shape), generator=torch.Generator().manual_seed(0))
@@ -129,7 +131,7 @@ def speed_rows(groups: dict[str, list[dict]], bars: dict, batch: int, rounds: in
             for bar, method, r in best]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name, default in (("teacher", "runs/digits"), ("pd", "runs/digits-progressive"),
                           ("cd", "runs/digits-consistency"),
@@ -143,39 +145,46 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    present = lambda run: (Path(run) / "config.yaml").exists()  # noqa: E731
+    return p.parse_args()
 
+
+def student_rows(args) -> tuple[dict[str, list[dict]], list[dict], dict[str, float]]:
+    """(rows per few-step method, the flow's reference rows, straightness per model) of the runs present."""
+    present = lambda run: (Path(run) / "config.yaml").exists()  # noqa: E731
+    groups, extra, straight = {}, [], {}
+    if Path(args.pd).is_dir():
+        groups["progressive distillation"] = progressive_rows(args.pd, args.n)
+    for name, run in (("consistency distillation", args.cd), ("consistency training", args.ct)):
+        if present(run):
+            groups[name] = [quality(name, run, args.n, sampler="consistency", steps=k) for k in FEW]
+    if present(args.flow):
+        extra = [quality("rectified flow", args.flow, args.n, sampler="euler", steps=k, guidance=g)
+                 for k, g in ((50, 3.0), (50, 1.0), (4, 1.0))]
+        groups["rectified flow"] = [quality("rectified flow", args.flow, args.n, sampler="euler", steps=k, guidance=3.0)
+                                    for k in FEW]
+        straight["rectified flow, guided 3"] = flow_straightness(args.flow, 3.0)
+        straight["rectified flow, unguided"] = flow_straightness(args.flow, 1.0)
+    for name, run, what in (("reflow", args.reflow, "unguided (it learnt the flow guided at 3)"),
+                            ("reflow of unguided pairs", args.reflow_unguided, "unguided")):
+        if present(run):
+            groups[name] = [quality(name, run, args.n, sampler="euler", steps=k, guidance=1.0) for k in FEW]
+            straight[f"{name}, {what}"] = flow_straightness(run, 1.0)
+    return groups, extra, straight
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
     reference = quality("teacher", args.teacher, args.n, sampler="ddim", steps=50, guidance=3.0)
     frechet_bar = args.frechet_factor * reference["frechet"]
     bars = {f"accuracy >= {args.bar:g}": lambda r: r["class_accuracy"] >= args.bar,
             f"accuracy >= {args.bar:g}, Fréchet <= {frechet_bar:.1f}":
                 lambda r: r["class_accuracy"] >= args.bar and r["frechet"] <= frechet_bar}
     ddim, dpm = teacher_rows(args.teacher, args.n, bars)
-    groups = {"teacher DPM++ 2M": dpm}
-    if Path(args.pd).is_dir():
-        groups["progressive distillation"] = progressive_rows(args.pd, args.n)
-    for name, run in (("consistency distillation", args.cd), ("consistency training", args.ct)):
-        if present(run):
-            groups[name] = [quality(name, run, args.n, sampler="consistency", steps=k) for k in FEW]
-    straight, extra = {}, []
-    if present(args.flow):
-        extra = [quality("rectified flow", args.flow, args.n, sampler="euler", steps=50, guidance=g)
-                 for g in (3.0, 1.0)]
-        extra += [quality("rectified flow", args.flow, args.n, sampler="euler", steps=4, guidance=1.0)]
-        groups["rectified flow"] = [quality("rectified flow", args.flow, args.n, sampler="euler", steps=k, guidance=3.0)
-                                    for k in FEW]
-        straight["rectified flow, guided 3"] = flow_straightness(args.flow, 3.0)
-        straight["rectified flow, unguided"] = flow_straightness(args.flow, 1.0)
-    if present(args.reflow):
-        groups["reflow"] = [quality("reflow", args.reflow, args.n, sampler="euler", steps=k, guidance=1.0) for k in FEW]
-        straight["reflow, unguided (it learnt the flow guided at 3)"] = flow_straightness(args.reflow, 1.0)
-    if present(args.reflow_unguided):
-        groups["reflow of unguided pairs"] = [quality("reflow of unguided pairs", args.reflow_unguided, args.n,
-                                                      sampler="euler", steps=k, guidance=1.0) for k in FEW]
-        straight["reflow of unguided pairs, unguided"] = flow_straightness(args.reflow_unguided, 1.0)
+    students, extra, straight = student_rows(args)
+    groups = {"teacher DPM++ 2M": dpm, **students}
 
+    speed = speed_rows(groups, bars, args.batch, args.rounds)  # the bars see unrounded figures
     rows = [reference] + ddim + [r for rows in groups.values() for r in rows] + extra
     for r in rows:
         r["class_accuracy"], r["frechet"] = round(r["class_accuracy"], 3), round(r["frechet"], 3)
@@ -183,7 +192,6 @@ def main() -> None:
                        "train_seconds"]))
     for k, v in straight.items():
         print(f"straightness S, {k}: {v:.5f}")
-    speed = speed_rows(groups, bars, args.batch, args.rounds)
     print(f"\nspeed at equal quality ({args.batch} samples per call, median of {args.rounds} interleaved rounds):")
     print(table(speed, ["bar", "method", "sampler", "steps", "guidance", "class_accuracy", "frechet", "samples_per_s",
                         "vs_teacher_dpmpp_2m"]))

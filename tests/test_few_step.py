@@ -12,7 +12,9 @@ from difflab.cli import main
 from difflab.config import load_config
 from difflab.distill import distance, progressive_loss, straightness, two_step_target
 from difflab.distill.consistency import ascending_levels, ct_level_probs, ct_levels
-from difflab.samplers import sample_consistency, sample_ddim, sample_euler
+from difflab.distill.progressive import teacher_grid
+from difflab.generate import sample_seeds
+from difflab.samplers import SeededNoise, sample_consistency, sample_ddim, sample_euler
 from difflab.testing import GaussianMixture
 
 
@@ -54,15 +56,17 @@ def test_flow_conversions_round_trip_and_loss_target_is_velocity():
 
 
 def test_ddim_on_a_flow_is_the_euler_flow_step():
-    """x_t' = x_t + (t' - t) v in t-space equals the sigma-space DDIM step."""
-    torch.manual_seed(0)
-    x0, n = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
-    s, s_next = 4.0, 0.5
-    x = x0 + s * n  # with x0_hat = x0 below
-    ddim = x0 + (s_next / s) * (x - x0)
-    t, t_next = s / (1 + s), s_next / (1 + s_next)
-    euler = x / (1 + s) + (t_next - t) * (n - x0)
-    assert torch.allclose(ddim / (1 + s_next), euler)
+    """difflab's DDIM on a flow's sigma grid is Euler in t: x_t' = x_t + (t' - t) v, v from x0_hat."""
+    flow = schedules.RectifiedFlow()
+    gm = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, 0.0]]), [0.3, 0.2], schedule=flow)
+    sigmas = flow.sigmas(3)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    t, x_t = flow.t(sigmas), x / (1 + sigmas[0])
+    for i in range(3):
+        x_sigma = x_t * (1 + sigmas[i])
+        x0_hat = gm(x_sigma, torch.full((6,), float(sigmas[i]), dtype=torch.float64))
+        x_t = x_t + (t[i + 1] - t[i]) * denoisers.velocity_from_x0(x_sigma, x0_hat, sigmas[i])
+    assert torch.allclose(sample_ddim(gm, x, sigmas, progress=False), x_t, rtol=0, atol=1e-10)
 
 
 def test_flow_schedule_logit_normal_and_grid():
@@ -107,6 +111,31 @@ def test_progressive_loss_is_zero_on_a_point_mass_for_a_student_equal_to_its_tea
     assert progressive_loss(point, point, x0, grid, level, noise).abs().max() < 1e-20
     other = GaussianMixture(torch.full((1, 1, 4, 4), 0.2), [0.0])
     assert progressive_loss(other, point, x0, grid, level, noise).min() > 1e-4
+
+
+def test_progressive_loss_at_a_level_by_hand():
+    """Student level l steps from teacher level 2l to 2l + 2; the error is weighted by max(1/sigma^2, 1)."""
+    teacher = GaussianMixture.default(dim=3)
+    student = GaussianMixture(teacher.means, [0.5] * 4)  # another model of the same means
+    g = torch.Generator().manual_seed(1)
+    grid = schedules.EDM().sigmas(8, "karras_trailing")
+    x0, noise = teacher.sample(4, g), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    rows = lambda v: torch.full((4,), float(v), dtype=torch.float64)  # noqa: E731
+    for level in range(4):
+        s, s_mid, s_next = grid[2 * level], grid[2 * level + 1], grid[2 * level + 2]
+        x = x0 + s * noise
+        landing = sample_ddim(teacher, x, torch.stack([s, s_mid, s_next]), progress=False)  # two teacher steps
+        target = (landing - (s_next / s) * x) / (1 - s_next / s)
+        expected = (student(x, rows(s)) - target).pow(2).mean(1) * max(float(s) ** -2, 1.0)
+        got = progressive_loss(student, teacher, x0, grid, torch.full((4,), level), noise)
+        assert torch.allclose(got, expected.float(), rtol=1e-5, atol=0)  # the loss is float32
+
+
+def test_progressive_teacher_grid_nests_onto_the_students_sampling_grid():
+    for overrides, schedule in ((["distill.steps=8", "eval.spacing=karras_trailing"], schedules.EDM()),
+                                (["distill.steps=8", "diffusion.parametrization=flow"], schedules.RectifiedFlow())):
+        cfg = load_config(None, overrides)
+        assert torch.allclose(teacher_grid(cfg)[::2], schedule.sigmas(4, cfg.eval.spacing or None))
 
 
 def test_consistency_sampler_one_step_and_noise_levels():
@@ -210,6 +239,8 @@ def test_flow_training_and_reflow_end_to_end(tmp_path, capsys):
     assert main(["reflow", str(flow), "--out", str(out), "distill.pairs=16", "distill.pair_steps=3", *_tiny()]) == 0
     pairs = load_file(out / "reflow_pairs.safetensors")
     assert pairs["noise"].shape == pairs["samples"].shape == (16, 1, 8, 8) and len(pairs["labels"]) == 16
+    evaluation = SeededNoise(sample_seeds(0, 16), (1, 8, 8))()  # the evaluation stream's start noise
+    assert not torch.isclose(pairs["noise"], evaluation).flatten(1).all(1).any()  # no pair shares it
     assert main(["train", *TINY, "diffusion.parametrization=flow", "diffusion.schedule=edm", f"out={tmp_path / 'bad'}",
                  "--quiet"]) == 2
     assert "diffusion.schedule=flow" in capsys.readouterr().err
@@ -217,4 +248,19 @@ def test_flow_training_and_reflow_end_to_end(tmp_path, capsys):
     for key in ("diffusion.parametrization", "model.parametrisation"):
         cfg = load_config(None, [f"{key}=flow"])
         assert (cfg.diffusion.parametrization, cfg.diffusion.schedule) == ("flow", "flow")
+    cfg = load_config(None, ["diffusion.parametrization=consistency"])  # evaluated as what it is
+    assert (cfg.eval.sampler, cfg.eval.steps) == ("consistency", 1)
+    cfg = load_config(None, ["diffusion.parametrization=consistency", "eval.sampler=euler"])
+    assert (cfg.eval.sampler, cfg.eval.steps) == ("euler", 50)
     assert main(["reflow", str(tmp_path / "nothing"), *_tiny()]) == 2
+
+
+def test_level_streams_do_not_fold_onto_the_training_stream():
+    """torch's CPU generator keeps a seed's low 32 bits: a stream constant must not vanish there."""
+    from difflab.distill import consistency, progressive
+    from difflab.seeds import derive_seed
+    from difflab.train.trainer import step_generator
+    for stream in (progressive.LEVEL_STREAM, consistency.LEVEL_STREAM):
+        for seed, step in ((0, 0), (0, 7), (3, 7)):
+            levels, batch = step_generator(derive_seed(seed, stream), step), step_generator(seed, step)
+            assert not torch.equal(torch.rand(8, generator=levels), torch.rand(8, generator=batch))

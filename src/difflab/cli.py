@@ -42,41 +42,39 @@ def _config(args):
 
 def _train(args) -> None:
     cfg = _config(args)
-    if cfg.diffusion.parametrization == "consistency":
-        _report_students([distill.train_consistency(cfg, resume=args.resume, progress=not args.quiet,
-                                                    verify=not args.no_verify)], args)
-        return
     if cfg.adapter.kind:
         run = train_adapter(cfg, resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
         print(f"run folder: {run}")
         return
-    run = train(cfg, resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
+    if cfg.diffusion.parametrization == "consistency":
+        run = distill.train_consistency(cfg, resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
+    else:
+        run = train(cfg, resume=args.resume, progress=not args.quiet, verify=not args.no_verify)
+    _report([run], cfg, args)
+
+
+def _distill(args) -> None:
+    cfg = distill.distill_config(args.method, args.teacher, args.overrides, args.out)
+    _report(distill.distill(cfg, resume=args.resume, progress=not args.quiet), cfg, args)
+
+
+def _reflow(args) -> None:
+    cfg = distill.distill_config("reflow", args.run, args.overrides, args.out)
+    _report(distill.distill(cfg, resume=args.resume, progress=not args.quiet), cfg, args)
+
+
+def _report(folders, cfg, args) -> None:
+    """After training: leave the torchrun group (if any); then, on rank 0 or alone, each run folder
+    and its built-in evaluation (class-conditional digits, text shapes) unless --no-eval."""
     if devices.group_is_initialized():
         rank = devices.init_distributed(devices.resolve_device(cfg.train.device)).rank
         devices.destroy_group()
         if rank != 0:
             return
-    print(f"run folder: {run}")
-    if not args.no_eval and cfg.data.dataset in ("digits", "shapes") and cfg.data.conditional:
-        _print_eval(run, progress=not args.quiet)
-
-
-def _distill(args) -> None:
-    cfg = distill.distill_config(args.method, args.teacher, args.overrides, args.out)
-    _report_students(distill.distill(cfg, resume=args.resume, progress=not args.quiet), args)
-
-
-def _reflow(args) -> None:
-    cfg = distill.distill_config("reflow", args.run, args.overrides, args.out)
-    _report_students(distill.distill(cfg, resume=args.resume, progress=not args.quiet), args)
-
-
-def _report_students(folders, args) -> None:
-    """Each run folder, and its built-in evaluation (class-conditional digits, text shapes) unless --no-eval."""
     for run in folders:
         print(f"run folder: {run}")
-        cfg = load_config(Path(run) / "config.yaml")
-        if not args.no_eval and cfg.data.dataset in ("digits", "shapes") and cfg.data.conditional:
+        data = load_config(Path(run) / "config.yaml").data
+        if not args.no_eval and data.dataset in ("digits", "shapes") and data.conditional:
             _print_eval(run, progress=not args.quiet)
 
 

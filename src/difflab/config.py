@@ -151,7 +151,7 @@ class DistillConfig:
     guidance: float = 3.0     # the teacher's classifier-free guidance scale the student learns (1 = none)
     steps: int = 2            # progressive: the teacher's DDIM steps; the student takes half
     levels: int = 18          # consistency distillation: the Karras grid the teacher steps along (N)
-    teacher_sampler: str = "heun"  # consistency distillation: the ODE step between adjacent levels
+    teacher_sampler: str = "heun"  # consistency distillation: the ODE step between levels (a multistep one: Euler)
     level_groups: int = 4     # consistency distillation: rows share a level in this many groups (one sampler call each)
     distance: str = choice("pseudo_huber", "pseudo_huber", "l2")
     ema_target: bool = True   # consistency distillation: the EMA weights are the target (else the online ones)
@@ -359,8 +359,9 @@ KEY_ALIASES = {"diffusion.parametrisation": "diffusion.parametrization",
 
 
 def _canonical(data: dict) -> dict:
-    """``data`` with aliased keys moved to their own place, and the flow schedule implied by the flow
-    parametrisation when the same source names no schedule (the two only work together)."""
+    """``data`` with aliased keys moved to their own place, and what a parametrisation implies when
+    the same source does not name it: the flow schedule for the flow (they only work together), the
+    consistency sampler at 1 step for a consistency model (DDIM over one would be wrong)."""
     for alias, key in KEY_ALIASES.items():
         section, leaf = alias.split(".")
         if isinstance(data.get(section), dict) and leaf in data[section]:
@@ -371,6 +372,9 @@ def _canonical(data: dict) -> dict:
     d = data.get("diffusion")
     if isinstance(d, dict) and d.get("parametrization") == "flow" and "schedule" not in d:
         d["schedule"] = "flow"
+    e = data.get("eval", {})
+    if isinstance(d, dict) and d.get("parametrization") == "consistency" and isinstance(e, dict) and "sampler" not in e:
+        data["eval"] = {**e, "sampler": "consistency", "steps": e.get("steps", 1)}
     return data
 
 

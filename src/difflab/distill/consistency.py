@@ -27,7 +27,9 @@ from ..train.build import build_denoiser
 from ..train.trainer import Trainer, step_generator
 from .students import StudentTrainer, student_config
 
-LEVEL_STREAM = 1 << 42  # the levels of step k come from derive_seed(derive_seed(seed, this), k)
+# the levels of step k come from derive_seed(derive_seed(seed, this), k); odd and below 2^32, since torch's
+# CPU generator keeps a seed's low 32 bits only (1 << 42 would fold onto the training batch's stream)
+LEVEL_STREAM = 0xC2B2AE3D
 #: consistency distillation's training unless overridden (the EMA is also the target network)
 DEFAULTS = ["train.steps=3000", "train.lr=0.0002", "train.warmup=0", "train.label_dropout=0.0",
             "train.ema_decay=0.95", "train.ema_warmup=false", "train.checkpoint_every=500", "train.sample_every=0"]
@@ -105,7 +107,9 @@ class ConsistencyTrainer(Trainer):
 
 class ConsistencyDistillTrainer(StudentTrainer):
     """Consistency distillation: x_n is one step of ``distill.teacher_sampler`` on the guided teacher
-    from sigma_{n+1} to sigma_n; the target network is the EMA (``train.ema_decay``) or, with
+    from sigma_{n+1} to sigma_n (a one-step solver gives its order there: heun, dpm_solver_2/3; a
+    multistep one has no history on a two-level grid and takes its first-order step, i.e. Euler/DDIM,
+    as Song et al.'s Euler CD does); the target network is the EMA (``train.ema_decay``) or, with
     ``distill.ema_target=false``, the online one. Rows share their level n in ``distill.level_groups``
     groups, since a sampler walks one grid for its whole batch."""
 

@@ -4,8 +4,8 @@ step where its teacher takes two, and becomes the teacher of the next halving.
     difflab distill progressive --teacher runs/digits distill.steps=64     # 64 -> 32 -> ... -> 1 steps
 
 Each halving is a run folder ``<out>/<n>-steps`` that samples with its own step count. The
-grids are ``karras_trailing`` ones, which nest: level i of the student's n-step grid is level 2i
-of the teacher's 2n-step grid. The first teacher is run with classifier-free guidance at
+grids are ``karras_trailing`` ones (a flow's: uniform in t), which nest: level i of the student's
+n-step grid is level 2i of the teacher's 2n-step grid. The first teacher is run with classifier-free guidance at
 ``distill.guidance`` (Meng et al. 2023 distil the guided output); its students already carry it.
 """
 from __future__ import annotations
@@ -20,10 +20,13 @@ from .. import runs
 from ..config import Config
 from ..seeds import derive_seed
 from ..tensors import append_dims
+from ..train.build import build_schedule
 from ..train.trainer import step_generator
 from .students import StudentTrainer, student_config
 
-LEVEL_STREAM = 1 << 41  # the student levels of step k come from derive_seed(derive_seed(seed, this), k)
+# the student levels of step k come from derive_seed(derive_seed(seed, this), k); odd and below 2^32, since
+# torch's CPU generator keeps a seed's low 32 bits only (1 << 41 would fold onto the training batch's stream)
+LEVEL_STREAM = 0x85EBCA77
 #: a halving's training unless overridden: the student starts at its teacher, so a short, gentle run
 DEFAULTS = ["train.steps=1000", "train.lr=0.0005", "train.warmup=0", "train.label_dropout=0.0",
             "train.checkpoint_every=500", "train.sample_every=0"]
@@ -58,12 +61,18 @@ def progressive_loss(student, teacher, x0: Tensor, teacher_grid: Tensor, level: 
     return err * (sigma**-2).clamp(min=1).to(err.dtype)
 
 
+def teacher_grid(cfg: Config) -> Tensor:
+    """The teacher's ``distill.steps``-step grid on the student's own spacing (``karras_trailing``,
+    or a flow's uniform-t grid), whose every other level is the student's sampling grid."""
+    return build_schedule(cfg).sigmas(cfg.distill.steps, cfg.eval.spacing or None)
+
+
 class ProgressiveTrainer(StudentTrainer):
     """One halving: the student takes ``distill.steps // 2`` DDIM steps where the teacher takes ``distill.steps``."""
 
     def build(self) -> torch.nn.Module:
         net = super().build()
-        self.teacher_grid = self.teacher.schedule.sigmas(self.cfg.distill.steps, "karras_trailing")
+        self.teacher_grid = teacher_grid(self.cfg)
         return net
 
     def rank_batch(self) -> tuple:
@@ -87,15 +96,14 @@ def stage_config(cfg: Config, teacher: str, teacher_steps: int) -> Config:
 
 def distill_progressive(cfg: Config, resume: bool = False, progress: bool = True) -> list[Path]:
     """Every halving from ``distill.steps`` teacher steps down to a 1-step student, each its own run
-    folder under ``cfg.out``, each the next one's teacher. With ``resume`` finished halvings are
-    kept and an interrupted one continues; returns the run folders, most steps first."""
+    folder under ``cfg.out``, each the next one's teacher. With ``resume`` every halving resumes:
+    a finished one trains no further (after the checks of any resume: same teacher weights, same
+    config), an interrupted one continues; returns the run folders, most steps first."""
     folders, teacher, steps = [], cfg.distill.teacher, cfg.distill.steps
     while steps >= 2:
         stage = stage_config(cfg, teacher, steps)
         run = Path(stage.out)
-        done = resume and runs.has_checkpoint(run) and runs.load_trainer_state(run)["step"] >= stage.train.steps
-        if not done:
-            ProgressiveTrainer(stage, resume=resume and runs.has_checkpoint(run), progress=progress).fit()
+        ProgressiveTrainer(stage, resume=resume and runs.has_checkpoint(run), progress=progress).fit()
         folders.append(run)
         teacher, steps = run, steps // 2
     return folders

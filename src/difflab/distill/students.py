@@ -35,9 +35,6 @@ def student_config(cfg: Config, *, steps: int, sampler: str, parametrization: st
     if teacher.adapter.kind:
         raise ConfigError(f"distill.teacher={cfg.distill.teacher} is an adapter run; distil the model itself")
     diffusion = replace(teacher.diffusion, parametrization=parametrization or teacher.diffusion.parametrization)
-    if diffusion.parametrization == "consistency" and diffusion.schedule != "edm":
-        raise ConfigError(f"consistency distillation works on the EDM schedule's levels; the teacher "
-                          f"{cfg.distill.teacher} uses diffusion.schedule={diffusion.schedule}")
     spacing = "" if diffusion.schedule == "flow" else "karras_trailing"
     evaluation = replace(teacher.eval, sampler=sampler, steps=steps, spacing=spacing, guidance=1.0, extra_guidance=[])
     return validate(replace(cfg, model=teacher.model, vae=teacher.vae, data=teacher.data, diffusion=diffusion,
@@ -54,22 +51,28 @@ class StudentTrainer(Trainer):
     """A trainer whose network starts as the teacher's EMA weights, with the frozen teacher
     (guided at ``teacher_guidance``) as ``self.teacher``: a Denoiser for the student's conditions."""
 
+    needs_teacher = True  # False: the student only starts from the teacher's weights
+
     def build(self) -> torch.nn.Module:
         net = super().build()  # the student: the teacher's U-Net, conditioner and (latent) data
-        teacher_cfg = teacher_config(self.cfg)
         weights = runs.weights_path(runs.check_run(self.cfg.distill.teacher), "ema")
         runs.load_weights(weights, net)
+        self.teacher_record = {"path": self.cfg.distill.teacher, "weights": "ema",
+                               "weights_sha256": runs.weights_sha256(net)}
+        if self.needs_teacher:
+            self.teacher = self.frozen_teacher(weights)
+        return net
+
+    def frozen_teacher(self, weights):
+        """The teacher's denoiser on its EMA ``weights``, guided at ``teacher_guidance``."""
         frozen = build_unet(self.cfg, self.conditioner)
         runs.load_weights(weights, frozen)
-        self.teacher_record = {"path": self.cfg.distill.teacher, "weights": "ema",
-                               "weights_sha256": runs.weights_sha256(frozen)}
-        teacher = build_denoiser(teacher_cfg, frozen.to(self.device).eval().requires_grad_(False))
+        teacher = build_denoiser(teacher_config(self.cfg), frozen.to(self.device).eval().requires_grad_(False))
         scale = teacher_guidance(self.cfg)
         if scale != 1 and self.conditioner is None:
             raise ConfigError(f"distill.guidance={scale} needs a conditional teacher; {self.cfg.distill.teacher} "
                               "is unconditional (pass distill.guidance=1)")
-        self.teacher = teacher if scale == 1 else ClassifierFreeGuidance(teacher, scale, self.conditioner.null())
-        return net
+        return teacher if scale == 1 else ClassifierFreeGuidance(teacher, scale, self.conditioner.null())
 
     def records(self) -> dict[str, dict]:
         return {**super().records(), TEACHER_RECORD: self.teacher_record}
