@@ -350,10 +350,14 @@ def _train_args(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _student_args(parser) -> None:
+def _student_args(parser, overrides: str, out: str, func) -> None:
+    """What ``distill`` and ``reflow`` share, after their own positional argument."""
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {overrides}")
+    parser.add_argument("--out", default=None, help=out)
     parser.add_argument("--resume", action="store_true", help="continue (finished halvings are kept)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation of the students")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=func)
 
 
 def _training_parsers(sub) -> None:
@@ -382,21 +386,15 @@ def _training_parsers(sub) -> None:
     d = sub.add_parser("distill", help="few-step students of a teacher run: progressive distillation (a run per "
                                        "halving, <out>/<n>-steps) or consistency distillation; then evaluate them")
     d.add_argument("method", choices=("progressive", "consistency"))
-    d.add_argument("overrides", nargs="*",
-                   help="key=value overrides, e.g. distill.steps=64 distill.guidance=3")
     d.add_argument("--teacher", required=True, help="the teacher run folder (its EMA weights, frozen)")
-    d.add_argument("--out", default=None, help="the student run folder (default: TEACHER-<method> beside TEACHER)")
-    _student_args(d)
-    d.set_defaults(func=_distill)
+    _student_args(d, "distill.steps=64 distill.guidance=3",
+                  "the student run folder (default: TEACHER-<method> beside TEACHER)", _distill)
 
     r = sub.add_parser("reflow", help="retrain a rectified-flow run on its own noise-sample pairs (Liu et al. "
                                       "2023): straighter paths for few Euler steps; then evaluate it")
     r.add_argument("run", help="the flow run folder (diffusion.parametrization=flow)")
-    r.add_argument("overrides", nargs="*",
-                   help="key=value overrides, e.g. distill.pairs=20000 train.steps=3000")
-    r.add_argument("--out", default=None, help="the new run folder (default: RUN-reflow beside RUN)")
-    _student_args(r)
-    r.set_defaults(func=_reflow)
+    _student_args(r, "distill.pairs=20000 train.steps=3000", "the new run folder (default: RUN-reflow beside RUN)",
+                  _reflow)
 
     c = sub.add_parser("train-image-encoder", help="train the shapes world's CLIP-style image encoder (image tower "
                                                    "against the frozen MiniLM); reports zero-shot caption retrieval")
